@@ -1,0 +1,31 @@
+# `make demo` and `make test` each work on a fresh clone: they create .venv when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# CPU wheels of these versions install cleanly next to JAX on Python 3.11 (see README).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test install install-test clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q -e '.[test,torch]' $(TORCH_PINS)
+	touch $@
+
+install: $(VENV)/.base
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.base
+	$(PY) -m cosmos_jax.cli demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,88 @@
+"""The ``cosmos-jax`` command line: ``demo``, ``convert`` and ``variants``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+  from cosmos_jax import demo, models
+  params = None
+  config = models.get_variant(args.variant)
+  if args.weights:
+    from cosmos_jax import convert
+    trees, config = convert.load_params(args.weights, variant=args.variant_override)
+    params = trees.get(args.which) or next(iter(trees.values()))
+  result = demo.run(config, params=params, n=args.num)
+  print(f'model: {config.name} ({"COSMOS" if config.cosmos else "CLIP"}), '
+        f'{"weights " + args.weights if args.weights else "random init"}')
+  print(demo.format_result(result))
+  return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+  from cosmos_jax import convert
+  print(convert.convert(args.src, args.dst, variant=args.variant, which=args.which,
+                        layout=args.layout))
+  return 0
+
+
+def _cmd_variants(args: argparse.Namespace) -> int:
+  import jax
+  from cosmos_jax import models
+  print(f'{"name":<10} {"embed":>5} {"image":>5} {"patch":>5} {"v.width":>7} {"v.layers":>8} '
+        f'{"t.width":>7} {"t.layers":>8} {"params (COSMOS)":>16}')
+  for name, cfg in models.VARIANTS.items():
+    shapes = jax.eval_shape(lambda c=cfg: models.init_params(c, jax.random.key(0)))
+    count = sum(x.size for x in jax.tree.leaves(shapes))
+    v, t = cfg.vision, cfg.text
+    print(f'{name:<10} {cfg.embed_dim:>5} {v.image_size:>5} {v.patch_size:>5} {v.width:>7} '
+          f'{v.layers:>8} {t.width:>7} {t.layers:>8} {count:>16,}')
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='cosmos-jax', description='COSMOS vision-language pre-training in JAX/Flax.')
+  sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  p = sub.add_parser('demo', help='encode a few drawn images and captions, print similarities')
+  p.add_argument('--variant', default='tiny', help='model variant name or open_clip JSON (default: tiny)')
+  p.add_argument('--weights', help='weights to load: .pt/.bin/.safetensors or a cosmos_jax params dir')
+  p.add_argument('--which', default='teacher', choices=['student', 'teacher', 'params'],
+                 help='which tree of a COSMOS checkpoint to use (default: teacher)')
+  p.add_argument('--num', type=int, default=4, help='number of image-caption pairs')
+  p.set_defaults(func=_cmd_demo, variant_override=None)
+
+  p = sub.add_parser(
+      'convert', help='convert weights between PyTorch (.pt/.bin/.safetensors) and cosmos_jax',
+      description='The format of each side is told by its form: a .pt/.pth/.bin/.safetensors '
+                  'file is PyTorch (official COSMOS or open_clip layout); a directory is a '
+                  'cosmos_jax parameter checkpoint.')
+  p.add_argument('src')
+  p.add_argument('dst')
+  p.add_argument('--variant', help='architecture (name or open_clip JSON); inferred from shapes if omitted')
+  p.add_argument('--which', default='both', choices=['both', 'student', 'teacher'],
+                 help='trees of a COSMOS checkpoint to convert (default: both)')
+  p.add_argument('--layout', choices=['open_clip', 'cosmos'],
+                 help='PyTorch layout to write (default: cosmos for COSMOS models, else open_clip)')
+  p.set_defaults(func=_cmd_convert)
+
+  p = sub.add_parser('variants', help='list the named model variants')
+  p.set_defaults(func=_cmd_variants)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f'cosmos-jax {args.command}: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

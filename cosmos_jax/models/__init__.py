@@ -1,0 +1,38 @@
+"""Models: the COSMOS two-tower CLIP, its pieces and its named variants."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cosmos_jax.models.cosmos import CLIP
+from cosmos_jax.models.variants import (VARIANTS, ModelConfig, TextConfig, VisionConfig,
+                                        from_open_clip_json, get_variant)
+
+__all__ = ['CLIP', 'VARIANTS', 'ModelConfig', 'TextConfig', 'VisionConfig', 'build_model',
+           'from_open_clip_json', 'get_variant', 'init_params', 'init_boxed_params']
+
+
+def build_model(config: ModelConfig | str, *, dtype: Any = jnp.float32, remat: bool = False) -> CLIP:
+  if isinstance(config, str):
+    config = get_variant(config)
+  return CLIP(config, dtype=dtype, remat=remat)
+
+
+def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  s = config.vision.image_size
+  return (jnp.zeros((1, 1, s, s, 3), jnp.float32),
+          jnp.zeros((1, 1, config.text.context_length), jnp.int32))
+
+
+def init_boxed_params(config: ModelConfig, rng: jax.Array) -> Any:
+  """Parameters with their logical-axis boxes (``nn.LogicallyPartitioned``), for sharding."""
+  return CLIP(config).init(rng, *_dummy_inputs(config), method=CLIP.init_all)['params']
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+  """Plain float32 parameters, initialised with the reference's distributions (spec 1.7)."""
+  return nn.unbox(init_boxed_params(config, rng))

@@ -1,0 +1,133 @@
+"""The COSMOS two-tower model: open_clip's CLIP plus cross poolers and token mappings.
+
+Batches are sample-major, as the data pipeline yields them: images (B, V, H, W, 3), texts
+(B, V, C). Outputs are view-major stacks (V, B, E), the order of the reference's
+concatenated lists ([global1, global2, local1, ...] and [caption1, caption2, ...]).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cosmos_jax.models.cross import AttentionalCrossPooler
+from cosmos_jax.models.layers import Linear, l2_normalize, logical
+from cosmos_jax.models.text import TextTransformer
+from cosmos_jax.models.variants import ModelConfig
+from cosmos_jax.models.vision import VisionTransformer
+
+Dtype = Any
+
+
+def _views_first(x: jax.Array) -> jax.Array:
+  """(B, V, ...) -> (V*B, ...), row v*B + i being view v of sample i."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((-1,) + x.shape[2:])
+
+
+class CLIP(nn.Module):
+  """``config.cosmos`` adds ``distill_logit_scale``, both cross poolers and both token mappings."""
+  config: ModelConfig
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    self.visual = VisionTransformer(c.vision, c.embed_dim, with_cross_pool=c.cosmos,
+                                    dtype=self.dtype, remat=self.remat)
+    self.text = TextTransformer(c.text, c.embed_dim, dtype=self.dtype, remat=self.remat)
+    scale_init = logical(nn.initializers.constant(c.init_logit_scale), ())
+    self.logit_scale = self.param('logit_scale', scale_init, (), jnp.float32)
+    if c.cosmos:
+      self.distill_logit_scale = self.param('distill_logit_scale', scale_init, (), jnp.float32)
+      self.text_attn_cross_pool = AttentionalCrossPooler(c.text.attn_pooler_heads, self.dtype)
+      self.image_token_mapping = Linear(c.embed_dim, ('embed', 'proj'), dtype=self.dtype)
+      self.text_token_mapping = Linear(c.embed_dim, ('embed', 'proj'), dtype=self.dtype)
+
+  # --- uni-modal encoders (inference, evaluation, the teacher) ---
+
+  def encode_image(self, images: jax.Array, *, normalize: bool = True,
+                   csa: bool = False) -> tuple[jax.Array, dict]:
+    """(B, H, W, 3) -> features (B, E) float32, {'tokens': post-ln_post patch tokens}."""
+    pooled, aux = self.visual(images, csa=csa)
+    pooled = pooled.astype(jnp.float32)
+    return (l2_normalize(pooled) if normalize else pooled), aux
+
+  def encode_text(self, text: jax.Array, *, normalize: bool = True) -> tuple[jax.Array, dict]:
+    """(B, C) token ids -> features (B, E) float32, {'tokens': all C post-ln_final states}."""
+    pooled, aux = self.text(text)
+    pooled = pooled.astype(jnp.float32)
+    return (l2_normalize(pooled) if normalize else pooled), aux
+
+  def __call__(self, images: jax.Array, text: jax.Array) -> dict[str, jax.Array]:
+    """Plain CLIP inference: normalised embeddings and exp(logit_scale)."""
+    image_features, _ = self.encode_image(images)
+    text_features, _ = self.encode_text(text)
+    return {'image_features': image_features, 'text_features': text_features,
+            'logit_scale': jnp.exp(self.logit_scale)}
+
+  # --- COSMOS training forwards ---
+
+  def student(self, global_crops: jax.Array, local_crops: Optional[jax.Array],
+              texts: jax.Array) -> dict[str, jax.Array]:
+    """The student over a multi-crop batch.
+
+    global_crops (B, Vg, H, W, 3) and local_crops (B, Vl, h, w, 3) run as two backbone
+    calls; texts (B, Vt, C) run as one. Each image view of sample i attends over the mapped
+    tokens of caption 1 of sample i; each caption attends over the mapped patch tokens of
+    global crop 1 of sample i. The query is the raw embedding and the residual is added to it
+    before L2 normalisation. Returns normalised (V, B, E) stacks and the log-space scales.
+    """
+    if not self.config.cosmos:
+      raise ValueError('the student forward needs a COSMOS model (config.cosmos=True)')
+    b, n_global = global_crops.shape[:2]
+    pooled, aux = self.visual(_views_first(global_crops))
+    image_features = [pooled.reshape(n_global, b, -1)]
+    crop1_tokens = aux['tokens'][:b]
+    if local_crops is not None and local_crops.shape[1]:
+      local_pooled, _ = self.visual(_views_first(local_crops))
+      image_features.append(local_pooled.reshape(local_crops.shape[1], b, -1))
+    z_img = jnp.concatenate(image_features).astype(jnp.float32)        # (Vi, B, E)
+
+    n_text = texts.shape[1]
+    pooled, aux = self.text(_views_first(texts))
+    z_txt = pooled.reshape(n_text, b, -1).astype(jnp.float32)           # (Vt, B, E)
+    caption1_tokens = aux['tokens'][:b]
+
+    image_ctx = self.image_token_mapping(crop1_tokens)                  # (B, N, E)
+    text_ctx = self.text_token_mapping(caption1_tokens)                 # (B, C, E)
+    # All views of a sample share one context, so they attend as Vi (or Vt) queries at once;
+    # this equals the reference's tiled context (queries do not interact).
+    img_pooled = self.text_attn_cross_pool(text_ctx, jnp.swapaxes(z_img, 0, 1))
+    txt_pooled = self.visual.cross_pool(image_ctx, jnp.swapaxes(z_txt, 0, 1))
+    image_cross = z_img + jnp.swapaxes(img_pooled, 0, 1).astype(jnp.float32)
+    text_cross = z_txt + jnp.swapaxes(txt_pooled, 0, 1).astype(jnp.float32)
+    return {
+        'image_features': l2_normalize(z_img),
+        'text_features': l2_normalize(z_txt),
+        'image_cross': l2_normalize(image_cross),
+        'text_cross': l2_normalize(text_cross),
+        'logit_scale': self.logit_scale,
+        'distill_logit_scale': self.distill_logit_scale,
+    }
+
+  def teacher(self, global_crops: jax.Array, texts: jax.Array) -> dict[str, jax.Array]:
+    """The teacher: uni-modal normalised embeddings of the global crops and global captions.
+
+    global_crops (B, Vg, H, W, 3); texts (B, Vt, C) of which the first Vg are the global
+    captions. No cross-attention modules are used.
+    """
+    b, n_global = global_crops.shape[:2]
+    image_features, _ = self.encode_image(_views_first(global_crops))
+    text_features, _ = self.encode_text(_views_first(texts[:, :n_global]))
+    return {'image_features': image_features.reshape(n_global, b, -1),
+            'text_features': text_features.reshape(n_global, b, -1)}
+
+  def init_all(self, images: jax.Array, texts: jax.Array) -> Any:
+    """Touches every parameter (used by ``init``): images (B, V, H, W, 3), texts (B, V, C)."""
+    if self.config.cosmos:
+      return self.student(images, None, texts)
+    return self(images[:, 0], texts[:, 0])

@@ -1,0 +1,212 @@
+"""Transformer pieces named and laid out like open_clip's PyTorch modules.
+
+Numerics that must match the reference live here, once:
+  * LayerNorm eps 1e-5 (torch default; Flax's is 1e-6), computed in float32;
+  * exact (erf) GELU, not the tanh approximation;
+  * attention softmax in float32; packed torch-layout ``in_proj_weight`` (3D, D).
+Matmuls run in ``dtype`` (float32 or bfloat16); parameters are always float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+def logical(init: Initializer, names: tuple[Optional[str], ...]) -> Initializer:
+  """Attaches logical axis names (mapped to mesh axes by the config's rules table)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[Optional[str], ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+# PyTorch's default initialisers, for modules the reference leaves at their defaults.
+torch_linear_kernel = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')  # kaiming(a=√5)
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_linear_bias(fan_in: int) -> Initializer:
+  bound = 1 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def normal(std: float) -> Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInit:
+  """Weight stds of one residual block; ``None`` keeps PyTorch's module defaults (the ViT)."""
+  attn_std: Optional[float] = None
+  proj_std: Optional[float] = None
+  fc_std: Optional[float] = None
+
+  @classmethod
+  def text_tower(cls, width: int, layers: int) -> 'BlockInit':
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    return cls(attn_std=width ** -0.5, proj_std=proj_std, fc_std=(2 * width) ** -0.5)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm: eps 1e-5, biased variance, float32 math, output in the input dtype."""
+  epsilon: float = LN_EPS
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param('scale', logical(nn.initializers.ones, ('norm',)), (d,), jnp.float32)
+    bias = self.param('bias', logical(nn.initializers.zeros, ('norm',)), (d,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """torch.nn.Linear with a Flax (in, out) kernel; init defaults to PyTorch's."""
+  features: int
+  kernel_axes: tuple[Optional[str], str] = ('embed', 'mlp')
+  kernel_init: Optional[Initializer] = None
+  bias_init: Optional[Initializer] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', logical(self.kernel_init or torch_linear_kernel, self.kernel_axes),
+                        (fan_in, self.features), jnp.float32)
+    bias = self.param('bias', logical(self.bias_init or torch_linear_bias(fan_in),
+                                      (self.kernel_axes[1],)), (self.features,), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class MultiheadAttention(nn.Module):
+  """torch.nn.MultiheadAttention (batch first) with the packed ``in_proj_weight`` (3D, D).
+
+  ``kv`` given: cross-attention (queries from ``x``, keys/values from ``kv``), as
+  ``nn.MultiheadAttention(d, h, kdim=d, vdim=d)`` does. ``csa=True``: SCLIP's correlative
+  self-attention, softmax(q q^T s) + softmax(k k^T s), used for segmentation only.
+  """
+  num_heads: int
+  in_proj_std: Optional[float] = None   # None: xavier_uniform (torch default)
+  out_proj_std: Optional[float] = None  # None: kaiming_uniform(a=√5) (torch default)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, kv: Optional[jax.Array] = None, *, causal: bool = False,
+               csa: bool = False) -> jax.Array:
+    d = x.shape[-1]
+    h = self.num_heads
+    if d % h:
+      raise ValueError(f'attention width {d} is not divisible by {h} heads')
+    w_init = xavier_uniform if self.in_proj_std is None else normal(self.in_proj_std)
+    w = self.param('in_proj_weight', logical(w_init, ('qkv', 'embed')), (3 * d, d), jnp.float32)
+    b = self.param('in_proj_bias', logical(nn.initializers.zeros, ('qkv',)), (3 * d,), jnp.float32)
+    w, b = w.astype(self.dtype), b.astype(self.dtype)
+    x = x.astype(self.dtype)
+    if kv is None:
+      q, k, v = jnp.split(jnp.einsum('bld,ed->ble', x, w) + b, 3, axis=-1)
+    else:
+      kv = kv.astype(self.dtype)
+      q = jnp.einsum('bld,ed->ble', x, w[:d]) + b[:d]
+      k, v = jnp.split(jnp.einsum('bld,ed->ble', kv, w[d:]) + b[d:], 2, axis=-1)
+    split = lambda t: t.reshape(t.shape[:2] + (h, d // h))
+    q, k, v = split(q), split(k), split(v)
+    scale = (d // h) ** -0.5
+
+    def softmax(a, b_, mask=None):
+      logits = jnp.einsum('bqhc,bkhc->bhqk', a, b_, preferred_element_type=jnp.float32) * scale
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      return jax.nn.softmax(logits, axis=-1)
+
+    if csa:
+      probs = softmax(q, q) + softmax(k, k)
+    else:
+      mask = None
+      if causal:
+        n = q.shape[1]
+        mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+      probs = softmax(q, k, mask)
+    out = jnp.einsum('bhqk,bkhc->bqhc', probs.astype(self.dtype), v)
+    out = out.reshape(out.shape[:2] + (d,))
+    out_init = torch_linear_kernel if self.out_proj_std is None else normal(self.out_proj_std)
+    return Linear(d, ('heads', 'embed'), out_init, nn.initializers.zeros, self.dtype,
+                  name='out_proj')(out)
+
+
+class Mlp(nn.Module):
+  """``c_fc`` -> exact GELU -> ``c_proj``."""
+  hidden: int
+  fc_std: Optional[float] = None
+  proj_std: Optional[float] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    fc_init = None if self.fc_std is None else normal(self.fc_std)
+    proj_init = None if self.proj_std is None else normal(self.proj_std)
+    x = Linear(self.hidden, ('embed', 'mlp'), fc_init, dtype=self.dtype, name='c_fc')(x)
+    x = constrain(gelu(x), ('batch', 'length', 'mlp'))
+    return Linear(d, ('mlp', 'embed'), proj_init, dtype=self.dtype, name='c_proj')(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  init: BlockInit = BlockInit()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, causal: bool = False, csa: bool = False) -> jax.Array:
+    d = x.shape[-1]
+    x = constrain(x, ('batch', 'length', 'embed'))
+    attn = MultiheadAttention(self.num_heads, self.init.attn_std, self.init.proj_std, self.dtype,
+                              name='attn')
+    x = x + attn(LayerNorm(name='ln_1')(x), causal=causal, csa=csa)
+    mlp = Mlp(int(d * self.mlp_ratio), self.init.fc_std, self.init.proj_std, self.dtype, name='mlp')
+    return x + mlp(LayerNorm(name='ln_2')(x))
+
+
+class Transformer(nn.Module):
+  """``resblocks_{i}``; ``csa_last`` swaps the last block's attention for CSA (residual and MLP kept)."""
+  layers: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  init: BlockInit = BlockInit()
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, causal: bool = False, csa_last: bool = False) -> jax.Array:
+    block_cls = nn.remat(ResidualAttentionBlock, static_argnums=(2, 3)) if self.remat \
+        else ResidualAttentionBlock
+    for i in range(self.layers):
+      block = block_cls(self.num_heads, self.mlp_ratio, self.init, self.dtype, name=f'resblocks_{i}')
+      x = block(x, causal, csa_last and i == self.layers - 1)
+    return x
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """torch.nn.functional.normalize: x / max(||x||, eps)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
