@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ def init_boxed_params(config: ModelConfig, rng: jax.Array) -> Any:
   return CLIP(config).init(rng, *_dummy_inputs(config), method=CLIP.init_all)['params']
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
   """Plain float32 parameters, initialised with the reference's distributions (spec 1.7)."""
   return nn.unbox(init_boxed_params(config, rng))

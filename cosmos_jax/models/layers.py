@@ -207,6 +207,10 @@ class Transformer(nn.Module):
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """torch.nn.functional.normalize: x / max(||x||, eps)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  """x / max(||x||, eps), as torch.nn.functional.normalize."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  # Guarded sqrt: a plain one gives NaN gradients for a zero vector; torch's norm backward
+  # gives 0 there, leaving d/dx = 1/eps as here.
+  positive = sq > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
   return x / jnp.maximum(norm, eps)
