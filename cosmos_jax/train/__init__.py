@@ -1,0 +1,1 @@
+"""Training: state, optimizer, EMA teacher, the jitted step, sharding, checkpoints, multi-host."""

@@ -1,0 +1,96 @@
+"""The jitted COSMOS train step, in the reference's order.
+
+  student forward (all crops, all captions) and teacher forward (globals, stop_gradient)
+  -> L = clip_loss + cosmos_loss -> grads
+  -> teacher = EMA(teacher, student params BEFORE the update)
+  -> AdamW update -> clamp logit_scale and distill_logit_scale of both trees to [0, ln 100].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cosmos_jax.data.augment import normalize
+from cosmos_jax.losses import cosmos_objective
+from cosmos_jax.models import CLIP
+from cosmos_jax.train.ema import ema_update, momentum_at
+
+LOGIT_SCALE_MAX = math.log(100)
+SCALE_NAMES = ('logit_scale', 'distill_logit_scale')
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  distill: bool = True                 # False: the CLIP-only baseline (no teacher)
+  ema_momentum: float = 0.999
+  ema_schedule: str = 'fixed'          # or 'cosine' (to ema_final over total_steps)
+  ema_final: float = 1.0
+  total_steps: int = 1
+
+
+def clamp_logit_scales(params: dict) -> dict:
+  params = dict(params)
+  for name in SCALE_NAMES:
+    if name in params:
+      params[name] = jnp.clip(params[name], 0.0, LOGIT_SCALE_MAX)
+  return params
+
+
+def _images(x: jax.Array) -> jax.Array:
+  """uint8 crops from the pipeline are normalised on device; float input is taken as is."""
+  return normalize(x) if x.dtype == jnp.uint8 else x
+
+
+def make_train_step(model: CLIP, tx: optax.GradientTransformation,
+                    schedule: Callable[[Any], Any], cfg: StepConfig) -> Callable:
+  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  batch: {'global': (B, 2, G, G, 3), 'local': (B, 6, L, L, 3), 'text': (B, 8, C)}.
+  """
+
+  def loss_fn(params, teacher_params, batch):
+    globals_, locals_ = _images(batch['global']), _images(batch['local'])
+    student = model.apply({'params': params}, globals_, locals_, batch['text'],
+                          method=CLIP.student)
+    teacher = None
+    if cfg.distill:
+      teacher = model.apply({'params': teacher_params}, globals_, batch['text'],
+                            method=CLIP.teacher)
+      teacher = jax.lax.stop_gradient(teacher)
+    return cosmos_objective(student, teacher, distill=cfg.distill)
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    params = state['params']
+    teacher_params = state.get('teacher_params')
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, teacher_params, batch)
+    new_state = dict(state)
+    if cfg.distill:
+      momentum = momentum_at(state['step'], cfg.ema_momentum, cfg.ema_schedule, cfg.total_steps,
+                             cfg.ema_final)
+      new_state['teacher_params'] = clamp_logit_scales(
+          ema_update(teacher_params, params, momentum))
+      metrics['ema_momentum'] = momentum
+    updates, new_state['opt_state'] = tx.update(grads, state['opt_state'], params)
+    new_state['params'] = clamp_logit_scales(optax.apply_updates(params, updates))
+    new_state['step'] = state['step'] + 1
+    metrics['lr'] = schedule(state['step'])
+    metrics['grad_norm'] = optax.global_norm(grads)
+    for name in SCALE_NAMES:
+      if name in params:
+        metrics[name] = jnp.exp(new_state['params'][name])
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, batch_sharding: Any,
+                   metrics_sharding: Optional[Any] = None) -> Callable:
+  """jit with the state donated; the state keeps its shardings across steps."""
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
