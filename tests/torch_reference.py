@@ -141,3 +141,58 @@ def student_forward(model: nn.Module, images: list[torch.Tensor], texts: torch.T
   return {'image_features': F.normalize(img_features, dim=-1),
           'text_features': F.normalize(txt_features, dim=-1),
           'image_cross': img_cross, 'text_cross': txt_cross}
+
+
+def clip_loss(a_list: list[torch.Tensor], b_list: list[torch.Tensor], scale) -> torch.Tensor:
+  """The official ClipLoss, single process: symmetric CE over every (a, b) view pair."""
+  total, count = 0, 0
+  for a in a_list:
+    for b in b_list:
+      logits = scale * a @ b.T
+      labels = torch.arange(logits.shape[0])
+      total = total + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+      count += 1
+  return total / count
+
+
+def cosmos_total_loss(model: nn.Module, out: dict, teacher_img: torch.Tensor,
+                      teacher_txt: torch.Tensor, batch_size: int) -> torch.Tensor:
+  """L_CLIP + L_COSMOS as the official train loop wires them (view-major (V*B, E) tensors)."""
+  chunk = lambda x: list(x.split(batch_size))
+  t_img, t_txt = chunk(teacher_img.detach()), chunk(teacher_txt.detach())
+  c_img, c_txt = chunk(out['image_cross']), chunk(out['text_cross'])
+  d_scale = model.distill_logit_scale.exp()
+  distill = (clip_loss(c_img, t_img, d_scale) + clip_loss(c_img, t_txt, d_scale)
+             + clip_loss(c_txt, t_img, d_scale) + clip_loss(c_txt, t_txt, d_scale)) / 4
+  clip = clip_loss(chunk(out['image_features'])[:2], chunk(out['text_features']),
+                   model.logit_scale.exp())
+  return clip + distill
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+  """The official groups: no decay for ndim < 2 or names with bn/ln/bias/logit_scale."""
+  exclude = lambda n, p: p.ndim < 2 or any(s in n for s in ('bn', 'ln', 'bias', 'logit_scale'))
+  named = list(model.named_parameters())
+  return [{'params': [p for n, p in named if exclude(n, p)], 'weight_decay': 0.0},
+          {'params': [p for n, p in named if not exclude(n, p)], 'weight_decay': weight_decay}]
+
+
+def train_step(student: nn.Module, teacher: nn.Module, optimizer, images: list[torch.Tensor],
+               texts: torch.Tensor, batch_size: int, momentum: float) -> torch.Tensor:
+  """One official step: forward, loss, backward, EMA (before the update), AdamW, clamps."""
+  optimizer.zero_grad()
+  out = student_forward(student, images, texts, batch_size)
+  with torch.no_grad():
+    t_img = F.normalize(torch.cat([visual_forward(teacher.visual, im)[1] for im in images[:2]]), dim=-1)
+    t_txt = F.normalize(text_forward(teacher, texts[:2 * batch_size])[1], dim=-1)
+  loss = cosmos_total_loss(student, out, t_img, t_txt, batch_size)
+  loss.backward()
+  with torch.no_grad():
+    for p_s, p_t in zip(student.parameters(), teacher.parameters()):
+      p_t.data.mul_(momentum).add_((1 - momentum) * p_s.detach().data)
+  optimizer.step()
+  with torch.no_grad():
+    for m in (student, teacher):
+      m.logit_scale.clamp_(0, math.log(100))
+      m.distill_logit_scale.clamp_(0, math.log(100))
+  return loss.detach()
