@@ -10,11 +10,14 @@ from typing import Optional, Sequence
 def _cmd_demo(args: argparse.Namespace) -> int:
   from cosmos_jax import demo, models
   params = None
-  config = models.get_variant(args.variant)
   if args.weights:
     from cosmos_jax import convert
-    trees, config = convert.load_params(args.weights, variant=args.variant_override)
-    params = trees.get(args.which) or next(iter(trees.values()))
+    trees, config = convert.load_params(args.weights, variant=args.variant)
+    names = {'student': ('student', 'params'), 'teacher': ('teacher', 'teacher_params')}
+    found = [n for n in names[args.which] if n in trees]
+    params = trees[found[0]] if found else next(iter(trees.values()))
+  else:
+    config = models.get_variant(args.variant or 'tiny')
   result = demo.run(config, params=params, n=args.num)
   print(f'model: {config.name} ({"COSMOS" if config.cosmos else "CLIP"}), '
         f'{"weights " + args.weights if args.weights else "random init"}')
@@ -49,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   p = sub.add_parser('demo', help='encode a few drawn images and captions, print similarities')
-  p.add_argument('--variant', default='tiny', help='model variant name or open_clip JSON (default: tiny)')
+  p.add_argument('--variant', help='model variant name or open_clip JSON (default: tiny, or the '
+                 'architecture of --weights)')
   p.add_argument('--weights', help='weights to load: .pt/.bin/.safetensors or a cosmos_jax params dir')
-  p.add_argument('--which', default='teacher', choices=['student', 'teacher', 'params'],
+  p.add_argument('--which', default='teacher', choices=['student', 'teacher'],
                  help='which tree of a COSMOS checkpoint to use (default: teacher)')
   p.add_argument('--num', type=int, default=4, help='number of image-caption pairs')
-  p.set_defaults(func=_cmd_demo, variant_override=None)
+  p.set_defaults(func=_cmd_demo)
 
   p = sub.add_parser(
       'convert', help='convert weights between PyTorch (.pt/.bin/.safetensors) and cosmos_jax',
@@ -79,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, FileNotFoundError) as e:  # ConversionError and config errors included
     print(f'cosmos-jax {args.command}: error: {e}', file=sys.stderr)
     return 2
 

@@ -1,0 +1,50 @@
+"""The command line: demo, variants and convert, including their error paths."""
+
+import numpy as np
+import pytest
+
+from cosmos_jax import cli
+
+
+def test_demo_prints_a_similarity_matrix(capsys):
+  assert cli.main(['demo', '--num', '3']) == 0
+  out = capsys.readouterr().out
+  assert 'model: tiny (COSMOS), random init' in out
+  assert out.count('image ') == 3 and 'a photo of a red circle.' in out
+
+
+def test_variants_lists_parameter_counts(capsys):
+  assert cli.main(['variants']) == 0
+  out = capsys.readouterr().out
+  assert '152,382,466' in out and '154,039,042' in out
+
+
+def test_convert_round_trip_and_demo_from_weights(tmp_path, torch_modules, capsys):
+  torch, _ = torch_modules
+  ref = pytest.importorskip('torch_reference')
+  from cosmos_jax.models import get_variant
+  model = ref.build(get_variant('tiny'))
+  sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+  torch.save({'epoch': 3, 'name': 'run', 'student': {'module.' + k: v for k, v in sd.items()},
+              'teacher': sd}, tmp_path / 'official.pt')
+  assert cli.main(['convert', str(tmp_path / 'official.pt'), str(tmp_path / 'params'),
+                   '--variant', 'tiny']) == 0
+  assert cli.main(['convert', str(tmp_path / 'params'), str(tmp_path / 'back.safetensors'),
+                   '--layout', 'open_clip']) == 0
+  from safetensors.numpy import load_file
+  back = load_file(tmp_path / 'back.safetensors')
+  assert len(back) == 62  # the tiny model's open_clip keys, COSMOS modules dropped
+  np.testing.assert_array_equal(back['visual.proj'], sd['visual.proj'].numpy())
+  capsys.readouterr()
+  assert cli.main(['demo', '--weights', str(tmp_path / 'params'), '--num', '2']) == 0
+  assert 'weights ' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['demo', '--variant', 'ViT-Q-99'], "unknown model variant 'ViT-Q-99'"),
+    (['convert', 'missing.pt', 'out'], 'missing.pt'),
+    (['convert', 'a.txt', 'out'], 'neither a params directory'),
+])
+def test_errors_name_what_is_wrong(argv, message, capsys):
+  assert cli.main(argv) == 2
+  assert message in capsys.readouterr().err
