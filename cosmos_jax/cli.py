@@ -1,4 +1,4 @@
-"""The ``cosmos-jax`` command line: ``demo``, ``convert`` and ``variants``."""
+"""The ``cosmos-jax`` command line: ``train``, ``data``, ``convert``, ``demo``, ``variants``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,39 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+  import logging
+  from cosmos_jax import config_cli
+  from cosmos_jax.train import loop
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  config = config_cli.load_config_file(args.config)
+  config_cli.apply_overrides(config, args.overrides)
+  result = loop.train(config, args.workdir)
+  print(f'{result["status"]} at step {result["step"]}: '
+        + ', '.join(f'{k}={v:.4g}' for k, v in sorted(result['metrics'].items())))
+  return 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+  from cosmos_jax.data.sources import open_source
+  from cosmos_jax.data.sources.arrayrecord import convert_to_array_record
+  source = open_source(args.src)
+  print(convert_to_array_record(source, args.dst, split=args.split, overwrite=args.overwrite))
+  return 0
+
+
+def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+  from cosmos_jax.data import synthetic
+  cfg = synthetic.SyntheticConfig(image_size=args.image_size, num_train=args.num,
+                                  num_val=args.num, seed=args.seed)
+  dataset = synthetic.SyntheticDataset(cfg, split=args.split)
+  paths = synthetic.write_tar_shards(dataset, args.out_dir,
+                                     samples_per_shard=args.samples_per_shard)
+  print(f'wrote {len(dataset)} samples in {len(paths)} shards: '
+        f'{synthetic.shard_pattern(args.out_dir, len(paths), f"synthetic-{args.split}")}')
+  return 0
+
+
 def _cmd_variants(args: argparse.Namespace) -> int:
   import jax
   from cosmos_jax import models
@@ -50,6 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='cosmos-jax', description='COSMOS vision-language pre-training in JAX/Flax.')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  p = sub.add_parser('train', help='train COSMOS (or the CLIP baseline) from a config',
+                     description='Resumes automatically from the latest checkpoint in --workdir. '
+                                 'Any config field can be overridden: --config.optim.lr=1e-3.')
+  p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
+  p.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and the config')
+  p.set_defaults(func=_cmd_train, accepts_overrides=True)
+
+  p = sub.add_parser('data', help='prepare data: ArrayRecord conversion, synthetic shards')
+  data_sub = p.add_subparsers(dest='data_command', required=True, metavar='DATA_COMMAND')
+  q = data_sub.add_parser('convert', help='tar shards or CSV/JSONL -> an ArrayRecord tfds dataset',
+                          description='SRC is anything the training data field accepts: a tar '
+                                      'pattern such as cc3m-train-{0000..0575}.tar (several '
+                                      'joined with ::), a .csv/.tsv/.jsonl file, or synthetic:train.')
+  q.add_argument('src')
+  q.add_argument('dst', help='output directory of the tfds dataset')
+  q.add_argument('--split', default='train')
+  q.add_argument('--overwrite', action='store_true')
+  q.set_defaults(func=_cmd_data_convert)
+  q = data_sub.add_parser('synthetic', help='write the embedded synthetic dataset as tar shards')
+  q.add_argument('out_dir')
+  q.add_argument('--split', default='train', choices=['train', 'val'])
+  q.add_argument('--num', type=int, default=1000, help='samples in the split')
+  q.add_argument('--image-size', type=int, default=224)
+  q.add_argument('--samples-per-shard', type=int, default=1000)
+  q.add_argument('--seed', type=int, default=0)
+  q.set_defaults(func=_cmd_data_synthetic)
 
   p = sub.add_parser('demo', help='encode a few drawn images and captions, print similarities')
   p.add_argument('--variant', help='model variant name or open_clip JSON (default: tiny, or the '
@@ -80,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, 'accepts_overrides', False):
+    parser.error(f'unrecognized arguments: {" ".join(extra)}')
+  args.overrides = extra
   try:
     return args.func(args)
   except (ValueError, FileNotFoundError) as e:  # ConversionError and config errors included

@@ -1,0 +1,98 @@
+"""The run configuration: every field with its default, and the check that runs before compiling.
+
+Recipes in ``configs/*.py`` start from ``base_config()`` and change what differs; the command
+line overrides any field (``--config.optim.lr=1e-3``). The resolved config is saved with every
+checkpoint. Defaults are the official CC3M recipe (spec 4.1) on the ViT-B/16.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from cosmos_jax.train.partition import RULE_PRESETS
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 88_576             # 32 epochs of CC3M at global batch 1024
+  c.batch_size = 1024                # global batch
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant='ViT-B-16',            # a name of models.VARIANTS or an open_clip JSON
+      cosmos=True,                   # False: the CLIP-only baseline (no teacher, no distillation)
+      dtype='float32',               # matmul dtype: 'float32' or 'bfloat16'
+      remat=False,                   # rematerialise every residual block
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      train='synthetic:train',       # tar pattern, ArrayRecord dir, .csv/.jsonl, or synthetic
+      text_mode='textcrop',          # 'textcrop' (DreamLIP) or 'textcrop_pixelprose'
+      global_size=224, local_size=96, num_local=6,
+      global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+      max_global_sentences=5,
+      worker_count=8, max_bad_fraction=0.01,
+      # Used when `train` is 'synthetic:...': the embedded dataset's size and resolution.
+      synthetic=ml_collections.ConfigDict(dict(image_size=224, num_train=100_000, num_val=1000)),
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=5e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.5, warmup_steps=2000,
+      grad_clip_norm=0.0,            # 0: off, as the reference
+  ))
+  c.ema = ml_collections.ConfigDict(dict(
+      momentum=0.999,                # 0.999 at global batch 1024, 0.99 at 4096
+      schedule='fixed',              # 'fixed' (the released recipes) or 'cosine' (to `final`)
+      final=1.0,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1),              # ('data', 'fsdp', 'model'); -1 takes the remaining devices
+      preset='fsdp',                 # 'dp', 'fsdp' or 'fsdp_tp' (train/partition.py)
+      rules=(),                      # an explicit logical->mesh table; overrides the preset
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.log_every_steps = 50
+  return c
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+  """The logical->mesh table of the config: ``mesh.rules`` if given, else the preset's."""
+  if config.mesh.rules:
+    return [(str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+            for name, axes in config.mesh.rules]
+  return list(RULE_PRESETS[config.mesh.preset])
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field whose value cannot work."""
+  def need(ok: bool, field: str, what: str):
+    if not ok:
+      raise ValueError(f'config.{field} = {config_get(config, field)!r}: {what}')
+
+  need(config.batch_size > 0, 'batch_size', 'must be positive')
+  need(config.total_steps > 0, 'total_steps', 'must be positive')
+  need(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype',
+       "must be 'float32' or 'bfloat16'")
+  need(config.optim.lr > 0, 'optim.lr', 'must be positive')
+  need(0 <= config.optim.b1 < 1 and 0 <= config.optim.b2 < 1, 'optim.b1',
+       'betas must be in [0, 1)')
+  need(0 <= config.optim.warmup_steps < config.total_steps, 'optim.warmup_steps',
+       'must be in [0, total_steps)')
+  need(0 < config.ema.momentum <= 1, 'ema.momentum', 'must be in (0, 1]')
+  need(config.ema.schedule in ('fixed', 'cosine'), 'ema.schedule', "must be 'fixed' or 'cosine'")
+  need(len(config.mesh.shape) == 3, 'mesh.shape', 'needs 3 entries (data, fsdp, model)')
+  need(config.mesh.rules or config.mesh.preset in RULE_PRESETS, 'mesh.preset',
+       f'must be one of {sorted(RULE_PRESETS)}')
+  need(config.data.text_mode in ('textcrop', 'textcrop_pixelprose'), 'data.text_mode',
+       "must be 'textcrop' or 'textcrop_pixelprose'")
+  need(0 <= config.data.max_bad_fraction < 1, 'data.max_bad_fraction', 'must be in [0, 1)')
+  need(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be positive')
+  need(math.isfinite(config.optim.weight_decay), 'optim.weight_decay', 'must be finite')
+
+
+def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value

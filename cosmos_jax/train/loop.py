@@ -1,0 +1,151 @@
+"""The training loop: data -> jitted step -> metrics -> checkpoint, composed from the pieces.
+
+Resumes automatically from the latest checkpoint in ``workdir`` (state and data-iterator
+position, so the next batch is the one an uninterrupted run would see); SIGTERM saves at the
+current step and returns; a non-finite loss stops the run naming the step and the loss
+terms, before any checkpoint of that step is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cosmos_jax import config as config_lib
+from cosmos_jax import models
+from cosmos_jax.data import augment, captions, pipeline
+from cosmos_jax.data.sources import open_source
+from cosmos_jax.train import checkpoint, distributed, optim, partition
+from cosmos_jax.train import state as state_lib
+from cosmos_jax.train import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  return models.get_variant(config.model.variant, cosmos=config.model.cosmos)
+
+
+def pipeline_config(config: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
+  d = config.data
+  return pipeline.PipelineConfig(
+      global_batch_size=config.batch_size, seed=config.seed, worker_count=d.worker_count,
+      text_mode=d.text_mode, max_bad_fraction=d.max_bad_fraction,
+      multicrop=augment.MultiCropConfig(
+          global_size=d.global_size, local_size=d.local_size, num_local=d.num_local,
+          global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale)),
+      textcrop=captions.TextCropConfig(max_global_sentences=d.max_global_sentences))
+
+
+def open_train_source(config: ml_collections.ConfigDict):
+  spec = config.data.train
+  if spec.startswith('synthetic'):
+    return open_source(spec, **config.data.synthetic.to_dict())
+  return open_source(spec)
+
+
+def check_finite(step: int, metrics: dict) -> dict:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(values['total_loss']):
+    terms = ', '.join(f'{k}={v:.6g}' for k, v in sorted(values.items()) if 'loss' in k
+                      or k.startswith('distill_') or k.endswith('_scale'))
+    raise NonFiniteLossError(f'non-finite loss at step {step}: {terms}; the last good '
+                             'checkpoint is kept, nothing of this step was saved')
+  return values
+
+
+class MetricsWriter:
+  """metrics.jsonl in the work directory (primary host only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = distributed.is_primary()
+
+  def write(self, step: int, values: dict) -> None:
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': step, **values}) + '\n')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains to ``config.total_steps``; returns the last logged metrics and how it ended."""
+  config_lib.validate(config)
+  distributed.initialize()
+  os.makedirs(workdir, exist_ok=True)
+  mcfg = model_config(config)
+  mesh = partition.make_mesh(config.mesh.shape)
+  partition.check_batch_size(config.batch_size, mesh)
+  rules = config_lib.logical_rules(config)
+  tx, schedule = optim.optimizer_from_config(config.optim, config.total_steps)
+  distill = mcfg.cosmos
+  shardings = state_lib.state_shardings(mcfg, tx, mesh, rules, with_teacher=distill)
+  target = state_lib.abstract_state(shardings, mcfg, tx, with_teacher=distill)
+
+  source = open_train_source(config)
+  data = pipeline.make_train_iterator(source, pipeline_config(config),
+                                      shard_index=jax.process_index(),
+                                      shard_count=jax.process_count())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.checkpoint.every_steps,
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  restored = ckpt.restore_or_none(target)
+  if restored is not None:
+    state, data_state, _ = restored
+    if data_state is not None:
+      data.set_state(data_state)
+    logging.info('resumed from step %d', int(state['step']))
+  else:
+    init = jax.jit(lambda key: state_lib.init_state(mcfg, tx, key, with_teacher=distill),
+                   out_shardings=shardings)
+    state = init(jax.random.key(config.seed))
+
+  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  model = models.CLIP(mcfg, dtype=dtype, remat=config.model.remat)
+  step_cfg = step_lib.StepConfig(distill=distill, ema_momentum=config.ema.momentum,
+                                 ema_schedule=config.ema.schedule, ema_final=config.ema.final,
+                                 total_steps=config.total_steps)
+  batch_sh = partition.batch_sharding(mesh)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, step_cfg),
+                                       shardings, batch_sh)
+  writer = MetricsWriter(workdir)
+  preempt = checkpoint.install_sigterm_handler()
+  step = int(state['step'])
+  last: dict[str, Any] = {}
+  status = 'completed'
+  start, start_step = time.perf_counter(), step
+  try:
+    with jax.set_mesh(mesh):
+      while step < config.total_steps:
+        batch = distributed.host_local_batch_to_global(next(data), batch_sh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        # Checked every step (one host sync) so no checkpoint ever holds a non-finite state.
+        last = check_finite(step, metrics)
+        if step % config.log_every_steps == 0 or step == config.total_steps:
+          last['steps_per_sec'] = (step - start_step) / (time.perf_counter() - start)
+          writer.write(step, last)
+          logging.info('step %d: %s', step, json.dumps(last))
+        stop = checkpoint.should_stop(preempt, step)
+        ckpt.save(step, state, data_state=data.get_state(), config=config.to_dict(),
+                  force=stop or step == config.total_steps)
+        if stop:
+          status = 'preempted'
+          break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    data.close()
+    preempt.uninstall()
+  return {'step': step, 'status': status, 'metrics': last}
