@@ -80,7 +80,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation,
     new_state['params'] = clamp_logit_scales(optax.apply_updates(params, updates))
     new_state['step'] = state['step'] + 1
     metrics['lr'] = schedule(state['step'])
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     for name in SCALE_NAMES:
       if name in params:
         metrics[name] = jnp.exp(new_state['params'][name])
