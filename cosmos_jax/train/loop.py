@@ -137,7 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           last['steps_per_sec'] = (step - start_step) / (time.perf_counter() - start)
           writer.write(step, last)
           logging.info('step %d: %s', step, json.dumps(last))
-        stop = checkpoint.should_stop(preempt, step)
+        stop = checkpoint.should_stop(preempt, step, ckpt)
         ckpt.save(step, state, data_state=data.get_state(), config=config.to_dict(),
                   force=stop or step == config.total_steps)
         if stop:
