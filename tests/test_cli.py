@@ -48,3 +48,20 @@ def test_convert_round_trip_and_demo_from_weights(tmp_path, torch_modules, capsy
 def test_errors_name_what_is_wrong(argv, message, capsys):
   assert cli.main(argv) == 2
   assert message in capsys.readouterr().err
+
+
+def test_data_synthetic_then_convert_to_array_record(tmp_path, capsys):
+  assert cli.main(['data', 'synthetic', str(tmp_path / 'shards'), '--split', 'val', '--num', '12',
+                   '--image-size', '32', '--samples-per-shard', '5']) == 0
+  out = capsys.readouterr().out
+  assert 'wrote 12 samples in 3 shards' in out and '{0000..0002}' in out
+  pattern = out.strip().split(': ', 1)[1]
+  assert cli.main(['data', 'convert', pattern, str(tmp_path / 'ar')]) == 0
+  from cosmos_jax.data.sources import open_source
+  source = open_source(str(tmp_path / 'ar'))
+  assert len(source) == 12 and not any('error' in source[i] for i in range(12))
+
+
+def test_data_convert_names_a_missing_shard(tmp_path, capsys):
+  assert cli.main(['data', 'convert', str(tmp_path / 'x-{0000..0001}.tar'), str(tmp_path / 'o')]) == 2
+  assert 'x-0000.tar' in capsys.readouterr().err
