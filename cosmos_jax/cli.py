@@ -45,6 +45,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+  import logging
+  from cosmos_jax.eval import report, run
+  from cosmos_jax.data.synthetic import SyntheticConfig
+  from cosmos_jax.train.weights import load_for_eval
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  specs = [run.parse_task(t) for t in (args.task or ['synthetic'])]
+  if args.checkpoint:
+    config, params = load_for_eval(args.checkpoint, which=args.which, variant=args.variant)
+  else:
+    import jax
+    from cosmos_jax import models
+    config = models.get_variant(args.variant or 'tiny')
+    params = models.init_params(config, jax.random.key(0))
+  synthetic = SyntheticConfig(image_size=args.synthetic_size, num_val=args.synthetic_num)
+  results = run.run(config, params, specs, args.out, batch_size=args.batch_size,
+                    synthetic_config=synthetic)
+  print(report.markdown_table(results))
+  print(f'results written to {args.out}/results.json and results.md')
+  return 0
+
+
 def _cmd_data_convert(args: argparse.Namespace) -> int:
   from cosmos_jax.data.sources import open_source
   from cosmos_jax.data.sources.arrayrecord import convert_to_array_record
@@ -90,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
   p.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and the config')
   p.set_defaults(func=_cmd_train, accepts_overrides=True)
+
+  p = sub.add_parser(
+      'eval', help='zero-shot retrieval, classification and segmentation',
+      description='Tasks: TASK:DATASET=ROOT, e.g. retrieval:coco=/data/coco, '
+                  'retrieval:flickr30k=/data/flickr30k, classification:imagenet=/data/imagenet/val, '
+                  'classification:folder=/data/my_folder, segmentation:voc20=/data/VOC2012 '
+                  '(voc20, voc21, context59, context60, ade20k, cityscapes, coco_stuff164k, '
+                  'coco_object), or "synthetic" (all three on the synthetic val split; default).')
+  p.add_argument('--checkpoint', help='a training workdir, a params dir, or a .pt/.bin/.safetensors '
+                 'file (default: random init, for a smoke test)')
+  p.add_argument('--which', default='teacher', choices=['teacher', 'student'],
+                 help='tree to evaluate (default: teacher)')
+  p.add_argument('--variant', help='architecture override (name or open_clip JSON)')
+  p.add_argument('--task', action='append', help='repeatable; see above')
+  p.add_argument('--out', default='eval_results', help='output folder (results.json/.md, PNGs)')
+  p.add_argument('--batch-size', type=int, default=256)
+  p.add_argument('--synthetic-size', type=int, default=64, help='synthetic image size')
+  p.add_argument('--synthetic-num', type=int, default=400, help='synthetic val images')
+  p.set_defaults(func=_cmd_eval)
 
   p = sub.add_parser('data', help='prepare data: ArrayRecord conversion, synthetic shards')
   data_sub = p.add_subparsers(dest='data_command', required=True, metavar='DATA_COMMAND')

@@ -65,3 +65,27 @@ def test_data_synthetic_then_convert_to_array_record(tmp_path, capsys):
 def test_data_convert_names_a_missing_shard(tmp_path, capsys):
   assert cli.main(['data', 'convert', str(tmp_path / 'x-{0000..0001}.tar'), str(tmp_path / 'o')]) == 2
   assert 'x-0000.tar' in capsys.readouterr().err
+
+
+def test_eval_on_synthetic_writes_results(tmp_path, capsys):
+  out = tmp_path / 'eval'
+  assert cli.main(['eval', '--task', 'synthetic', '--out', str(out), '--synthetic-num', '16',
+                   '--synthetic-size', '32', '--batch-size', '16']) == 0
+  import json
+  results = json.loads((out / 'results.json').read_text())
+  assert set(results) == {'retrieval', 'classification', 'segmentation'}
+  assert 0 <= results['retrieval']['synthetic']['t2i_R@1'] <= 100
+  assert (out / 'results.md').exists() and (out / 'retrieval_synthetic.png').exists()
+  assert list((out / 'overlays_synthetic').glob('*.png'))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['eval', '--checkpoint', 'no/such/run'], 'checkpoint not found: no/such/run'),
+    (['eval', '--task', 'retrieval:coco=no/such/coco'], 'dataset folder not found: no/such/coco'),
+    (['eval', '--task', 'retrieval:imagenet=.'], "unknown retrieval dataset 'imagenet'"),
+    (['train', '--config', 'configs/demo.py', '--workdir', 'x', '--config.optim.lrr=1'],
+     "unknown config field 'optim.lrr'"),
+])
+def test_eval_and_train_errors(argv, message, capsys):
+  assert cli.main(argv) == 2
+  assert message in capsys.readouterr().err

@@ -168,6 +168,14 @@ class Checkpointer:
     log.info('restored checkpoint of step %d from %s', step, self.directory)
     return restored['state'], data_state, config
 
+  def read_config(self, step: Optional[int] = None) -> Optional[dict]:
+    """The resolved config saved with ``step`` (default: latest), read without a target."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      return None
+    path = self.directory / str(step) / 'config' / 'metadata'
+    return json.loads(path.read_text()) if path.exists() else None
+
   def restore_or_none(self, target: Any) -> Optional[tuple[Any, Optional[dict],
                                                            Optional[dict]]]:
     """``restore(target=target)`` of the latest step, or None if there is none (a fresh run)."""
