@@ -20,6 +20,11 @@ from cosmos_jax.eval import classification, report, retrieval, seg_datasets, seg
 from cosmos_jax.eval.encode import Encoder
 from cosmos_jax.models import ModelConfig
 
+def _optional(root: str, name: str) -> Optional[str]:
+  path = os.path.join(root, name)
+  return path if os.path.isfile(path) else None
+
+
 RETRIEVAL: dict[str, Callable[[str], retrieval.RetrievalDataset]] = {
     'coco': retrieval.coco,
     'flickr30k': retrieval.flickr30k,
@@ -27,7 +32,8 @@ RETRIEVAL: dict[str, Callable[[str], retrieval.RetrievalDataset]] = {
 }
 CLASSIFICATION: dict[str, Callable[[str], classification.ClassificationDataset]] = {
     'imagenet': classification.imagenet,
-    'folder': classification.image_folder,   # class subfolders (+ optional classnames.txt)
+    'folder': lambda root: classification.image_folder(   # class subfolders
+        root, _optional(root, 'classnames.txt'), _optional(root, 'templates.txt')),
 }
 SEGMENTATION = tuple(c for c in segmentation.SEG_CONFIGS if c != 'synthetic')
 
