@@ -300,3 +300,52 @@ def test_select_params():
   assert S.select_params({'params': s, 'teacher_params': t, 'step': 0}) is t
   assert S.select_params({'params': s}) is s
   assert S.select_params({'student': s, 'teacher': t}, 'student') is s
+
+
+# (reader name, image path, mask path) of each standard layout, relative to its root.
+LAYOUTS = [
+    ('voc20', 'JPEGImages/{k}.jpg', 'SegmentationClass/{k}.png',
+     ('ImageSets/Segmentation/val.txt',)),
+    ('voc21', 'JPEGImages/{k}.jpg', 'SegmentationClass/{k}.png',
+     ('ImageSets/Segmentation/val.txt',)),
+    ('context59', 'JPEGImages/{k}.jpg', 'SegmentationClassContext/{k}.png',
+     ('ImageSets/SegmentationContext/val.txt',)),
+    ('context60', 'JPEGImages/{k}.jpg', 'SegmentationClassContext/{k}.png',
+     ('ImageSets/SegmentationContext/val.txt',)),
+    ('ade20k', 'images/validation/{k}.jpg', 'annotations/validation/{k}.png', ()),
+    ('cityscapes', 'leftImg8bit/val/city/{k}_leftImg8bit.png',
+     'gtFine/val/city/{k}_gtFine_labelTrainIds.png', ()),
+    ('coco_stuff164k', 'images/val2017/{k}.jpg', 'annotations/val2017/{k}_labelTrainIds.png', ()),
+    ('coco_object', 'images/val2017/{k}.jpg', 'annotations/val2017/{k}_instanceTrainIds.png', ()),
+]
+CLASS_COUNTS = {'voc20': 20, 'voc21': 21, 'context59': 59, 'context60': 60, 'ade20k': 150,
+                'cityscapes': 19, 'coco_stuff164k': 171, 'coco_object': 81}
+
+
+@pytest.mark.parametrize('name,image_tpl,mask_tpl,split_files', LAYOUTS)
+def test_every_reader_reads_its_layout(tmp_path, name, image_tpl, mask_tpl, split_files):
+  from PIL import Image
+  from cosmos_jax.eval import seg_datasets
+  keys = ['a_001', 'b_002']
+  rng = np.random.default_rng(0)
+  labels = {}
+  for k in keys:
+    image_path, mask_path = tmp_path / image_tpl.format(k=k), tmp_path / mask_tpl.format(k=k)
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(image_path)
+    labels[k] = rng.integers(0, 5, (20, 30), dtype=np.uint8)
+    Image.fromarray(labels[k]).save(mask_path)
+  for split in split_files:
+    (tmp_path / split).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / split).write_text('\n'.join(keys) + '\n')
+  ds = seg_datasets.get_dataset(name, str(tmp_path))
+  assert len(ds) == 2 and len(ds.class_lines()) == CLASS_COUNTS[name]
+  for i, k in enumerate(keys):
+    key, image, label = ds[i]
+    assert k in key and image.shape == (20, 30, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(label, labels[k])
+  # An image without its mask is an error naming the file.
+  os.remove(tmp_path / mask_tpl.format(k=keys[1]))
+  with pytest.raises(FileNotFoundError, match='has no mask'):
+    seg_datasets.get_dataset(name, str(tmp_path))
