@@ -51,17 +51,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
   from cosmos_jax.data.synthetic import SyntheticConfig
   from cosmos_jax.train.weights import load_for_eval
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  import jax
+  from cosmos_jax import models
+  from cosmos_jax.train import partition
   specs = [run.parse_task(t) for t in (args.task or ['synthetic'])]
+  variant, synthetic_size = args.variant, args.synthetic_size
+  if args.config:   # the run's config gives the architecture and the synthetic resolution
+    from cosmos_jax import config_cli
+    run_config = config_cli.load_config_file(args.config)
+    config_cli.apply_overrides(run_config, args.overrides)
+    variant = variant or run_config.model.variant
+    synthetic_size = synthetic_size or run_config.data.synthetic.image_size
   if args.checkpoint:
-    config, params = load_for_eval(args.checkpoint, which=args.which, variant=args.variant)
+    config, params = load_for_eval(args.checkpoint, which=args.which, variant=variant)
   else:
-    import jax
-    from cosmos_jax import models
-    config = models.get_variant(args.variant or 'tiny')
+    config = models.get_variant(variant or 'tiny')
     params = models.init_params(config, jax.random.key(0))
-  synthetic = SyntheticConfig(image_size=args.synthetic_size, num_val=args.synthetic_num)
+  synthetic = SyntheticConfig(image_size=synthetic_size or 64, num_val=args.synthetic_num)
+  mesh = partition.make_mesh((-1, 1, 1)) if jax.device_count() > 1 else None
   results = run.run(config, params, specs, args.out, batch_size=args.batch_size,
-                    synthetic_config=synthetic)
+                    synthetic_config=synthetic, mesh=mesh)
   print(report.markdown_table(results))
   print(f'results written to {args.out}/results.json and results.md')
   return 0
@@ -120,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                   'classification:folder=/data/my_folder, segmentation:voc20=/data/VOC2012 '
                   '(voc20, voc21, context59, context60, ade20k, cityscapes, coco_stuff164k, '
                   'coco_object), or "synthetic" (all three on the synthetic val split; default).')
+  p.add_argument('--config', help='configs/<file>.py[:arg] of the run (architecture, synthetic '
+                 'resolution); --config.<field>=<value> overrides apply')
   p.add_argument('--checkpoint', help='a training workdir, a params dir, or a .pt/.bin/.safetensors '
                  'file (default: random init, for a smoke test)')
   p.add_argument('--which', default='teacher', choices=['teacher', 'student'],
@@ -128,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--task', action='append', help='repeatable; see above')
   p.add_argument('--out', default='eval_results', help='output folder (results.json/.md, PNGs)')
   p.add_argument('--batch-size', type=int, default=256)
-  p.add_argument('--synthetic-size', type=int, default=64, help='synthetic image size')
+  p.add_argument('--synthetic-size', type=int, help='synthetic image size (default: the '
+                 "config's, else 64)")
   p.add_argument('--synthetic-num', type=int, default=400, help='synthetic val images')
-  p.set_defaults(func=_cmd_eval)
+  p.set_defaults(func=_cmd_eval, accepts_overrides=True)
 
   p = sub.add_parser('data', help='prepare data: ArrayRecord conversion, synthetic shards')
   data_sub = p.add_subparsers(dest='data_command', required=True, metavar='DATA_COMMAND')
