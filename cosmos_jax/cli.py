@@ -1,4 +1,4 @@
-"""The ``cosmos-jax`` command line: ``train``, ``data``, ``convert``, ``demo``, ``variants``."""
+"""The ``cosmos-jax`` command line: ``train``, ``eval``, ``data``, ``convert``, ``bench``, ``demo``, ``variants``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,17 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+  from cosmos_jax import bench, config_cli
+  config = config_cli.load_config_file(args.config)
+  config_cli.apply_overrides(config, args.overrides)
+  results = bench.run(config, args.out, repeats=args.repeats)
+  print(bench.format_table(results))
+  if args.out:
+    print(f'written to {args.out}')
+  return 0
+
+
 def _cmd_variants(args: argparse.Namespace) -> int:
   import jax
   from cosmos_jax import models
@@ -186,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--layout', choices=['open_clip', 'cosmos'],
                  help='PyTorch layout to write (default: cosmos for COSMOS models, else open_clip)')
   p.set_defaults(func=_cmd_convert)
+
+  p = sub.add_parser('bench', help='time the train step, the data pipeline and evaluation',
+                     description='Compilation is excluded; medians over --repeats calls. '
+                                 'Config overrides apply (--config.batch_size=2).')
+  p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
+  p.add_argument('--out', help='write the figures as JSON here')
+  p.add_argument('--repeats', type=int, default=5)
+  p.set_defaults(func=_cmd_bench, accepts_overrides=True)
 
   p = sub.add_parser('variants', help='list the named model variants')
   p.set_defaults(func=_cmd_variants)

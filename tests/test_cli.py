@@ -89,3 +89,15 @@ def test_eval_on_synthetic_writes_results(tmp_path, capsys):
 def test_eval_and_train_errors(argv, message, capsys):
   assert cli.main(argv) == 2
   assert message in capsys.readouterr().err
+
+
+def test_bench_reports_train_data_and_eval_throughput(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  assert cli.main(['bench', '--config', 'configs/demo.py', '--out', str(out), '--repeats', '1',
+                   '--config.batch_size=8', '--config.data.synthetic.image_size=32',
+  ]) == 0
+  import json
+  results = json.loads(out.read_text())
+  for key in ('train_step_s', 'train_samples_per_s', 'data_samples_per_s', 'eval_images_per_s'):
+    assert results[key] > 0
+  assert 'eval images/s' in capsys.readouterr().out
