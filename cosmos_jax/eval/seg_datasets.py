@@ -12,15 +12,18 @@ The test pipeline (``LoadImageFromFile`` + ``Resize(scale=(2048, S), keep_ratio=
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prompts', 'seg')
+TEMPLATE_FILE = os.path.join(os.path.dirname(PROMPT_DIR), 'openai_templates.txt')
 # SegDataPreProcessor statistics (clip_segmentor.py), RGB order, 0-255 scale.
 SEG_MEAN = np.array([122.771, 116.746, 104.094], np.float32)
 SEG_STD = np.array([68.501, 66.632, 70.323], np.float32)
@@ -56,7 +59,10 @@ def resize_linear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   The generic fixed-point path of OpenCV (HResizeLinear + VResizeLinear<uchar>): half-pixel
   centres, no antialiasing, weights rounded to 1/2048, and the vertical pass
   ``(((b0 * (r0 >> 4)) >> 16) + ((b1 * (r1 >> 4)) >> 16) + 2) >> 2``. An exact 2x shrink,
-  which OpenCV routes to INTER_AREA, gives the same numbers.
+  which OpenCV routes to INTER_AREA, gives the same numbers. PIL's BILINEAR, which
+  antialiases when shrinking, is not a substitute: on a 600x512 photo resized to 394x336 it
+  differs by 1.6 grey levels on average (max 59); this function differs from exact
+  float bilinear by < 1.
   """
   h, w = size
   if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -128,10 +134,17 @@ def split_synonyms(class_lines: Sequence[str]) -> tuple[list[str], list[int]]:
   return words, index
 
 
+def load_templates(path: str = TEMPLATE_FILE) -> list[str]:
+  """The 80 OpenAI ImageNet templates (``{}`` = the class name), one a line."""
+  with open(path, encoding='utf-8') as f:
+    return [line.rstrip('\n') for line in f if line.strip()]
+
+
 # --- readers ---
 
 
 def load_rgb(path: str) -> np.ndarray:
+  """RGB uint8 as stored; unlike cv2.imread, EXIF orientation is not applied."""
   with Image.open(path) as im:
     return np.asarray(im.convert('RGB'))
 
@@ -284,6 +297,21 @@ class SyntheticSeg(Sequence):
 
   def class_lines(self) -> list[str]:
     return list(self.data.mask_class_names())
+
+
+def prefetch(fn: Callable[[int], Any], n: int, workers: int) -> Iterator[Any]:
+  """fn(0), ..., fn(n - 1) in order, computed by a thread pool a few items ahead."""
+  if workers <= 0:
+    yield from (fn(i) for i in range(n))
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for i in range(n):
+      pending.append(pool.submit(fn, i))
+      if len(pending) > 2 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
 
 
 READERS = {

@@ -1,24 +1,17 @@
 """Training-free zero-shot semantic segmentation (the SCLIP protocol, spec 5.4) and mIoU.
 
-Per image: resize (``seg_datasets.rescale_size`` / ``resize_linear``), normalise, slide a
-crop x crop window with the given stride, and per window take the CSA patch tokens of the
-teacher, project them with ``visual.proj``, L2-normalise and score them against the text
-queries. Window logits are upsampled (bilinear, align_corners=False), summed, divided by
-the count map and resized to the original image size; then softmax, max over synonyms,
-the area and probability thresholds, argmax.
-
-Every step up to the softmax is linear and separable, and the window grid is a product of
-row and column positions (so the count map is count_h(y) * count_w(x)). The image logits
-are therefore ``A @ G[q] @ B^T``: G holds the window logits as blocks, A (H0, nh*gh) and
-B (W0, nw*gw) compose upsampling, placement, count division and the final resize. This is
-the reference's arithmetic in another order (float32 rounding aside), and costs two small
-matmuls instead of full-resolution canvases.
+Per image: resize and normalise (``seg_datasets``), slide crop x crop windows, score the
+teacher's CSA patch tokens (through ``visual.proj``) against the text queries, upsample each
+window's logits, average the overlaps, resize to the original size; then softmax, synonym
+max, area / probability thresholds, argmax. All steps before the softmax are linear and
+separable and the window grid is a product of row and column positions (count map =
+count_h(y) * count_w(x)), so the image logits are ``A @ G[q] @ B^T``: G holds the window
+logits as blocks, A and B compose upsampling, placement, count division and the final
+resize. Same arithmetic as the reference in another order, without full-size canvases.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -33,13 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cosmos_jax.eval.encode import Encoder
-from cosmos_jax.eval.seg_datasets import (normalize, rescale_size, resize_linear, save_overlay,
-                                          split_synonyms)
+from cosmos_jax.eval.seg_datasets import (load_templates, normalize, prefetch, rescale_size,
+                                          resize_linear, save_overlay, split_synonyms)
 from cosmos_jax.models import CLIP, ModelConfig
 
 HIGHEST = jax.lax.Precision.HIGHEST
-TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prompts',
-                             'openai_templates.txt')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +60,6 @@ SEG_CONFIGS = {c.name: c for c in [
     SegConfig('coco_object', logit_scale=50, prob_thd=0.1, with_background=True),
     SegConfig('synthetic', short_side=224, logit_scale=50, prob_thd=0.1, with_background=True),
 ]}
-
-
-def load_templates(path: str = TEMPLATE_FILE) -> list[str]:
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\n') for line in f if line.strip()]
 
 
 def select_params(params: Mapping, which: str = 'teacher') -> Mapping:
@@ -283,9 +269,7 @@ class Segmentor:
 def reduce_labels(label: np.ndarray) -> np.ndarray:
   """mmseg: 0 -> 255 (ignored), every other label - 1 (255 stays 255)."""
   label = label.astype(np.int64) - 1
-  label[label < 0] = 255
-  label[label == 254] = 255
-  return label
+  return np.where((label < 0) | (label == 254), 255, label)
 
 
 class IoUAccumulator:
@@ -327,21 +311,7 @@ def miou(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: in
   return acc.compute()
 
 
-# --- overlays and the evaluation loop ---
-
-
-def _prefetched(fn, n: int, workers: int):
-  if workers <= 0:
-    yield from (fn(i) for i in range(n))
-    return
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending = collections.deque()
-    for i in range(n):
-      pending.append(pool.submit(fn, i))
-      if len(pending) > 2 * workers:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
+# --- the evaluation loop ---
 
 
 def evaluate_segmentation(model_config: ModelConfig, params: Mapping, dataset: Any,
@@ -371,7 +341,7 @@ def evaluate_segmentation(model_config: ModelConfig, params: Mapping, dataset: A
     return key, image, label, seg.prepare(image)
 
   bar = tqdm(total=n, desc=f'seg {getattr(dataset, "name", "")}', disable=not progress)
-  for i, (key, image, label, prep) in enumerate(_prefetched(load, n, workers)):
+  for i, (key, image, label, prep) in enumerate(prefetch(load, n, workers)):
     pred = seg.predict(prep)
     if seg_config.reduce_zero_label:
       label = reduce_labels(label)
