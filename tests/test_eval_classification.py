@@ -12,15 +12,9 @@ from cosmos_jax.data.synthetic import SyntheticConfig, SyntheticDataset
 from cosmos_jax.eval import classification as cls
 from cosmos_jax.eval import report
 from cosmos_jax.eval.encode import Encoder
+from random_params import random_params
 
 FOLDERS = {'n02': 2, 'n01': 3, 'n03': 1}  # unsorted on purpose: labels follow sorted order
-
-
-def random_params(cfg, seed=0):
-  """A random COSMOS tree without compiling the initialiser (shapes from eval_shape)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
-  return jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope='module')

@@ -13,6 +13,7 @@ from cosmos_jax.data.synthetic import SyntheticConfig
 from cosmos_jax.eval import report, retrieval
 from cosmos_jax.eval.encode import Encoder, ImageSource
 from cosmos_jax.tokenizer import tokenize
+from random_params import random_params
 
 SIZES = [(40, 30), (30, 50), (32, 32), (64, 48)]
 CAPTIONS = [['a red square', 'a square that is red'], ['a dog on grass', 'green lawn', 'a pet'],
@@ -49,13 +50,6 @@ def write_flickr(root, json_dir=None, prefix='flickr30k-images'):
   (target / 'flickr30k_val.json').write_text(json.dumps(entries))
   (target / 'flickr30k_test.json').write_text(json.dumps(entries[:2]))
   return root
-
-
-def random_params(cfg, seed=0):
-  """A random COSMOS tree without compiling the initialiser (shapes from eval_shape)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
-  return jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope='module')
