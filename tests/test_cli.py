@@ -75,7 +75,7 @@ def test_eval_on_synthetic_writes_results(tmp_path, capsys):
   results = json.loads((out / 'results.json').read_text())
   assert set(results) == {'retrieval', 'classification', 'segmentation'}
   assert 0 <= results['retrieval']['synthetic']['t2i_R@1'] <= 100
-  assert (out / 'results.md').exists() and (out / 'retrieval_synthetic.png').exists()
+  assert (out / 'results.md').exists() and list(out.glob('retrieval_synthetic*.png'))
   assert list((out / 'overlays_synthetic').glob('*.png'))
 
 
@@ -101,3 +101,15 @@ def test_bench_reports_train_data_and_eval_throughput(tmp_path, capsys):
   for key in ('train_step_s', 'train_samples_per_s', 'data_samples_per_s', 'eval_images_per_s'):
     assert results[key] > 0
   assert 'eval images/s' in capsys.readouterr().out
+
+
+def test_eval_retrieval_on_a_coco_layout(tmp_path, capsys):
+  from test_eval_retrieval import write_coco
+  root = write_coco(tmp_path / 'coco')
+  out = tmp_path / 'eval'
+  assert cli.main(['eval', '--task', f'retrieval:coco={root}', '--out', str(out),
+                   '--batch-size', '8']) == 0
+  import json
+  metrics = json.loads((out / 'results.json').read_text())['retrieval']['coco']
+  assert 0 <= metrics['i2t_R@1'] <= 100 and metrics['num_images'] > 0
+  assert list(out.glob('retrieval_coco*.png'))

@@ -13,7 +13,6 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 from cosmos_jax.data import synthetic as synthetic_data
 from cosmos_jax.eval import classification, report, retrieval, seg_datasets, segmentation
@@ -62,16 +61,21 @@ def parse_task(spec: str) -> TaskSpec:
   return TaskSpec(task, dataset, root)
 
 
+def _retrieval(encoder: Encoder, dataset: retrieval.RetrievalDataset, out_dir: str) -> dict:
+  """Metrics, plus a grid of the top images of a few caption queries."""
+  sim = retrieval.similarity(encoder, dataset)
+  report.retrieval_grid_png(dataset.images, dataset.captions, sim,
+                            os.path.join(out_dir, f'retrieval_{dataset.name}.png'),
+                            txt_to_img=dataset.txt_to_img)
+  return {**retrieval.retrieval_metrics(sim, dataset.txt_to_img),
+          'num_images': len(dataset.images), 'num_captions': len(dataset.captions)}
+
+
 def _synthetic(config: ModelConfig, params: Any, encoder: Encoder, out_dir: str,
                synthetic_config: synthetic_data.SyntheticConfig,
                progress: bool) -> dict[str, dict]:
   val = synthetic_data.SyntheticDataset(synthetic_config, split='val')
-  ret = retrieval.synthetic(val)
-  sim = retrieval.similarity(encoder, ret)
-  results = {'retrieval': {'synthetic': retrieval.retrieval_metrics(sim, ret.txt_to_img)}}
-  report.retrieval_grid_png([np.asarray(im) for im in ret.images], ret.captions, sim,
-                            os.path.join(out_dir, 'retrieval_synthetic.png'),
-                            txt_to_img=ret.txt_to_img)
+  results = {'retrieval': {'synthetic': _retrieval(encoder, retrieval.synthetic(val), out_dir)}}
   results['classification'] = {
       'synthetic': classification.evaluate_classification(encoder, classification.synthetic(val))}
   seg_ds = seg_datasets.SyntheticSeg(val)
@@ -103,7 +107,7 @@ def run(config: ModelConfig, params: Any, tasks: Sequence[TaskSpec], out_dir: st
         results.setdefault(task, {}).update(by_dataset)
     elif spec.task == 'retrieval':
       ds = RETRIEVAL[spec.dataset](spec.root)
-      results.setdefault('retrieval', {})[spec.dataset] = retrieval.evaluate_retrieval(encoder, ds)
+      results.setdefault('retrieval', {})[spec.dataset] = _retrieval(encoder, ds, out_dir)
     elif spec.task == 'classification':
       ds = CLASSIFICATION[spec.dataset](spec.root)
       results.setdefault('classification', {})[spec.dataset] = \
