@@ -72,8 +72,8 @@ def _retrieval(encoder: Encoder, dataset: retrieval.RetrievalDataset, out_dir: s
 
 
 def _synthetic(config: ModelConfig, params: Any, encoder: Encoder, out_dir: str,
-               synthetic_config: synthetic_data.SyntheticConfig,
-               progress: bool) -> dict[str, dict]:
+               synthetic_config: synthetic_data.SyntheticConfig, progress: bool,
+               mesh: Any) -> dict[str, dict]:
   val = synthetic_data.SyntheticDataset(synthetic_config, split='val')
   results = {'retrieval': {'synthetic': _retrieval(encoder, retrieval.synthetic(val), out_dir)}}
   results['classification'] = {
@@ -83,7 +83,7 @@ def _synthetic(config: ModelConfig, params: Any, encoder: Encoder, out_dir: str,
                                 short_side=synthetic_config.image_size,
                                 crop=config.vision.image_size, stride=config.vision.image_size // 2)
   results['segmentation'] = {'synthetic': segmentation.evaluate_segmentation(
-      config, params, seg_ds, seg_cfg, progress=progress,
+      config, params, seg_ds, seg_cfg, progress=progress, mesh=mesh,
       overlay_dir=os.path.join(out_dir, 'overlays_synthetic'))}
   return results
 
@@ -102,7 +102,7 @@ def run(config: ModelConfig, params: Any, tasks: Sequence[TaskSpec], out_dir: st
     if spec.task == 'synthetic':
       found = _synthetic(config, params, encoder, out_dir,
                          synthetic_config or synthetic_data.SyntheticConfig(image_size=64),
-                         progress)
+                         progress, mesh)
       for task, by_dataset in found.items():
         results.setdefault(task, {}).update(by_dataset)
     elif spec.task == 'retrieval':
@@ -115,6 +115,7 @@ def run(config: ModelConfig, params: Any, tasks: Sequence[TaskSpec], out_dir: st
     else:
       ds = seg_datasets.get_dataset(spec.dataset, spec.root)
       results.setdefault('segmentation', {})[spec.dataset] = segmentation.evaluate_segmentation(
-          config, params, ds, spec.dataset, progress=progress, overlay_dir=os.path.join(out_dir, f'overlays_{spec.dataset}'))
+          config, params, ds, spec.dataset, progress=progress, mesh=mesh,
+          overlay_dir=os.path.join(out_dir, f'overlays_{spec.dataset}'))
   report.write_results(results, out_dir)
   return results

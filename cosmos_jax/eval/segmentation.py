@@ -23,6 +23,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from cosmos_jax.eval.encode import Encoder
@@ -185,16 +186,27 @@ class Segmentor:
   def __init__(self, model_config: ModelConfig, params: Mapping, class_lines: Sequence[str],
                seg_config: SegConfig, templates: Optional[Sequence[str]] = None, *,
                which: str = 'teacher', dtype: Any = jnp.float32, max_windows: int = 64,
-               text_batch: int = 256, pixel_bucket: int = 64):
-    params = jax.device_put(select_params(params, which))
+               text_batch: int = 256, pixel_bucket: int = 64, mesh: Optional[Mesh] = None):
+    # With a mesh, the windows of an image are split over ('data', 'fsdp'); buckets are
+    # multiples of 8 and of that data-parallel size.
+    self._crop_sharding, self._multiple = None, 8
+    if mesh is not None:
+      axes = tuple(a for a in ('data', 'fsdp') if a in mesh.shape)
+      self._crop_sharding = NamedSharding(mesh, P(axes))
+      self._multiple = math.lcm(8, math.prod(mesh.shape[a] for a in axes))
+      params = jax.device_put(select_params(params, which), NamedSharding(mesh, P()))
+    else:
+      params = jax.device_put(select_params(params, which))
     self.seg = seg_config
     self.patch = model_config.vision.patch_size
-    self.max_windows, self.pixel_bucket = max(8, _ceil_to(max_windows, 8)), pixel_bucket
+    self.max_windows = max(self._multiple, _ceil_to(max_windows, self._multiple))
+    self.pixel_bucket = pixel_bucket
     self.class_lines = list(class_lines)
     words, idx = split_synonyms(self.class_lines)
     self.num_classes, self.query_idx = len(self.class_lines), jnp.asarray(idx, jnp.int32)
     templates = load_templates() if templates is None else list(templates)
-    encoder = Encoder(model_config, params, dtype=dtype, batch_size=text_batch, progress=False)
+    encoder = Encoder(model_config, params, dtype=dtype, batch_size=text_batch, progress=False,
+                      mesh=mesh)
     self.queries = jnp.asarray(encoder.class_embeddings(words, templates))
     self.params = params
     model, csa = CLIP(model_config, dtype=dtype), seg_config.csa
@@ -229,11 +241,13 @@ class Segmentor:
   def _grid(self, prep: Prepared) -> np.ndarray:
     """Window logits (n, nQ, gh, gw) -> blocks (nQ, nh * gh, nw * gw)."""
     n, out = len(prep.crops), []
-    chunk = min(self.max_windows, _ceil_to(n, 8))  # fixed buckets: one compile per bucket
+    chunk = min(self.max_windows, _ceil_to(n, self._multiple))  # one compile per bucket
     for s in range(0, n, chunk):
       part = prep.crops[s:s + chunk]
-      logits = self._window_logits(self.params, _pad(part, (chunk,) + part.shape[1:]),
-                                   self.queries)
+      crops = _pad(part, (chunk,) + part.shape[1:])
+      if self._crop_sharding is not None:
+        crops = jax.device_put(crops, self._crop_sharding)
+      logits = self._window_logits(self.params, crops, self.queries)
       out.append(np.asarray(logits)[:len(part)])
     (nh, nw), (gh, gw) = prep.windows, prep.grid
     logits = np.concatenate(out).reshape(nh, nw, -1, gh, gw)
@@ -320,7 +334,7 @@ def evaluate_segmentation(model_config: ModelConfig, params: Mapping, dataset: A
                           overlay_dir: Optional[str] = None, num_overlays: int = 4,
                           which: str = 'teacher', dtype: Any = jnp.float32,
                           max_images: Optional[int] = None, workers: int = 4,
-                          max_windows: int = 64) -> dict[str, Any]:
+                          max_windows: int = 64, mesh: Optional[Mesh] = None) -> dict[str, Any]:
   """mIoU (percent) of zero-shot segmentation on ``dataset`` (items (key, image, label)).
 
   ``seg_config`` defaults to ``SEG_CONFIGS[dataset.name]``; ``templates`` to the 80 OpenAI
@@ -330,7 +344,7 @@ def evaluate_segmentation(model_config: ModelConfig, params: Mapping, dataset: A
     seg_config = SEG_CONFIGS[seg_config or dataset.name]
   class_lines = dataset.class_lines()
   seg = Segmentor(model_config, params, class_lines, seg_config, templates, which=which,
-                  dtype=dtype, max_windows=max_windows)
+                  dtype=dtype, max_windows=max_windows, mesh=mesh)
   n = len(dataset) if max_images is None else min(max_images, len(dataset))
   acc = IoUAccumulator(len(class_lines))
   if overlay_dir:
