@@ -21,7 +21,8 @@ from cosmos_jax import config as config_lib
 from cosmos_jax import models
 from cosmos_jax.data import pipeline
 from cosmos_jax.eval.encode import Encoder
-from cosmos_jax.train import distributed, loop, optim, partition
+from cosmos_jax.train import distributed, optim, partition
+from cosmos_jax.train.from_config import model_config, open_train_source, pipeline_config
 from cosmos_jax.train import state as state_lib
 from cosmos_jax.train import step as step_lib
 
@@ -37,7 +38,7 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def bench_train_step(config: ml_collections.ConfigDict, repeats: int) -> dict[str, float]:
-  mcfg = loop.model_config(config)
+  mcfg = model_config(config)
   mesh = partition.make_mesh(config.mesh.shape)
   tx, schedule = optim.optimizer_from_config(config.optim, config.total_steps)
   state, shardings = state_lib.create_state(mcfg, tx, mesh, config_lib.logical_rules(config),
@@ -66,8 +67,8 @@ def bench_train_step(config: ml_collections.ConfigDict, repeats: int) -> dict[st
 
 
 def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, float]:
-  source = loop.open_train_source(config)
-  it = pipeline.make_train_iterator(source, loop.pipeline_config(config), shard_index=0,
+  source = open_train_source(config)
+  it = pipeline.make_train_iterator(source, pipeline_config(config), shard_index=0,
                                     shard_count=1)
   try:
     next(it)
@@ -82,7 +83,7 @@ def bench_data(config: ml_collections.ConfigDict, batches: int) -> dict[str, flo
 
 def bench_eval(config: ml_collections.ConfigDict, repeats: int,
                batch_size: int = 64) -> dict[str, float]:
-  mcfg = loop.model_config(config)
+  mcfg = model_config(config)
   params = models.init_params(mcfg, jax.random.key(0))
   mesh = partition.make_mesh((-1, 1, 1)) if jax.device_count() > 1 else None
   encoder = Encoder(mcfg, params, batch_size=batch_size, mesh=mesh, progress=False)

@@ -13,46 +13,23 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cosmos_jax import config as config_lib
 from cosmos_jax import models
-from cosmos_jax.data import augment, captions, pipeline
-from cosmos_jax.data.sources import open_source
+from cosmos_jax.data import pipeline
 from cosmos_jax.train import checkpoint, distributed, optim, partition
+from cosmos_jax.train.from_config import model_config, open_train_source, pipeline_config
 from cosmos_jax.train import state as state_lib
 from cosmos_jax.train import step as step_lib
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
-
-
-def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
-  return models.get_variant(config.model.variant, cosmos=config.model.cosmos)
-
-
-def pipeline_config(config: ml_collections.ConfigDict) -> pipeline.PipelineConfig:
-  d = config.data
-  return pipeline.PipelineConfig(
-      global_batch_size=config.batch_size, seed=config.seed, worker_count=d.worker_count,
-      text_mode=d.text_mode, max_bad_fraction=d.max_bad_fraction,
-      multicrop=augment.MultiCropConfig(
-          global_size=d.global_size, local_size=d.local_size, num_local=d.num_local,
-          global_scale=tuple(d.global_scale), local_scale=tuple(d.local_scale)),
-      textcrop=captions.TextCropConfig(max_global_sentences=d.max_global_sentences))
-
-
-def open_train_source(config: ml_collections.ConfigDict):
-  spec = config.data.train
-  if spec.startswith('synthetic'):
-    return open_source(spec, **config.data.synthetic.to_dict())
-  return open_source(spec)
 
 
 def check_finite(step: int, metrics: dict) -> dict:
