@@ -11,11 +11,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
   from cosmos_jax import demo, models
   params = None
   if args.weights:
-    from cosmos_jax import convert
-    trees, config = convert.load_params(args.weights, variant=args.variant)
-    names = {'student': ('student', 'params'), 'teacher': ('teacher', 'teacher_params')}
-    found = [n for n in names[args.which] if n in trees]
-    params = trees[found[0]] if found else next(iter(trees.values()))
+    from cosmos_jax.train.weights import load_for_eval
+    config, params = load_for_eval(args.weights, which=args.which, variant=args.variant)
   else:
     config = models.get_variant(args.variant or 'tiny')
   result = demo.run(config, params=params, n=args.num)
@@ -178,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser('demo', help='encode a few drawn images and captions, print similarities')
   p.add_argument('--variant', help='model variant name or open_clip JSON (default: tiny, or the '
                  'architecture of --weights)')
-  p.add_argument('--weights', help='weights to load: .pt/.bin/.safetensors or a cosmos_jax params dir')
+  p.add_argument('--weights', help='weights to load: a training workdir, a params dir or a '
+                 '.pt/.bin/.safetensors file')
   p.add_argument('--which', default='teacher', choices=['student', 'teacher'],
                  help='which tree of a COSMOS checkpoint to use (default: teacher)')
   p.add_argument('--num', type=int, default=4, help='number of image-caption pairs')
