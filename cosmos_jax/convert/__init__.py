@@ -9,6 +9,7 @@ plain open_clip state dict gives 'params'; a params dir keeps the names it was w
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -20,7 +21,7 @@ from cosmos_jax.convert.torch_io import (is_torch_file, load_state_file, save_st
                                          split_checkpoint)
 from cosmos_jax.models.variants import ModelConfig, get_variant
 
-__all__ = ['ConversionError', 'convert', 'load_params', 'flax_to_torch', 'torch_to_flax',
+__all__ = ['ConversionError', 'convert', 'load_params', 'pick_tree', 'flax_to_torch', 'torch_to_flax',
            'infer_config', 'flax_shapes', 'torch_shapes', 'check_params', 'load_state_file',
            'save_state_file', 'split_checkpoint', 'load_params_dir', 'save_params_dir']
 
@@ -89,8 +90,18 @@ def _pick(roles: dict[str, str], which: str) -> tuple[str, str]:
   if want in roles:
     return want, roles[want]
   if len(roles) == 1:
-    return next(iter(roles.items()))
+    role, name = next(iter(roles.items()))
+    if which != 'both':
+      logging.warning('no %s tree; using the only one, %r', want, name)
+    return role, name
   raise ConversionError(f'no {want} tree in the source (trees: {sorted(roles.values())})')
+
+
+def pick_tree(trees: dict[str, Any], which: str = 'teacher') -> Any:
+  """The tree playing ``which`` ('teacher' or 'student'; 'both' means the teacher) among named
+  trees (converted trees, a params dir, a train state); a single tree is returned whatever
+  ``which`` asks for (a CLIP-only run has no teacher)."""
+  return trees[_pick(_roles(trees), which)[1]]
 
 
 def convert(src: str, dst: str, *, variant: str | None = None, which: str = 'both',

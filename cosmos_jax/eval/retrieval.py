@@ -18,6 +18,7 @@ import numpy as np
 
 from cosmos_jax.data.synthetic import SyntheticConfig, SyntheticDataset
 from cosmos_jax.eval.encode import Encoder
+from cosmos_jax.eval.report import retrieval_grid_png
 
 KS = (1, 5, 10)
 COCO_SPLITS = ('val',)
@@ -92,8 +93,13 @@ def similarity(encoder: Encoder, dataset: RetrievalDataset) -> np.ndarray:
   return image @ text.T
 
 
-def evaluate_retrieval(encoder: Encoder, dataset: RetrievalDataset) -> dict[str, float]:
+def evaluate_retrieval(encoder: Encoder, dataset: RetrievalDataset,
+                       grid_path: str | None = None) -> dict[str, float]:
+  """Metrics; with ``grid_path``, also a PNG of the top images of a few caption queries."""
   sim = similarity(encoder, dataset)
+  if grid_path:
+    retrieval_grid_png(dataset.images, dataset.captions, sim, grid_path,
+                       txt_to_img=dataset.txt_to_img)
   return {**retrieval_metrics(sim, dataset.txt_to_img),
           'num_images': len(dataset.images), 'num_captions': len(dataset.captions)}
 

@@ -62,13 +62,8 @@ def parse_task(spec: str) -> TaskSpec:
 
 
 def _retrieval(encoder: Encoder, dataset: retrieval.RetrievalDataset, out_dir: str) -> dict:
-  """Metrics, plus a grid of the top images of a few caption queries."""
-  sim = retrieval.similarity(encoder, dataset)
-  report.retrieval_grid_png(dataset.images, dataset.captions, sim,
-                            os.path.join(out_dir, f'retrieval_{dataset.name}.png'),
-                            txt_to_img=dataset.txt_to_img)
-  return {**retrieval.retrieval_metrics(sim, dataset.txt_to_img),
-          'num_images': len(dataset.images), 'num_captions': len(dataset.captions)}
+  return retrieval.evaluate_retrieval(
+      encoder, dataset, grid_path=os.path.join(out_dir, f'retrieval_{dataset.name}.png'))
 
 
 def _synthetic(config: ModelConfig, params: Any, encoder: Encoder, out_dir: str,

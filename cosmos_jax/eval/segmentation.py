@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from cosmos_jax.convert import pick_tree
 from cosmos_jax.eval.encode import Encoder
 from cosmos_jax.eval.seg_datasets import (load_templates, normalize, prefetch, rescale_size,
                                           resize_linear, save_overlay, split_synonyms)
@@ -67,17 +67,7 @@ def select_params(params: Mapping, which: str = 'teacher') -> Mapping:
   """The tree to segment with: a bare tree, {'params': t}, a train state or converted trees."""
   if 'visual' in params:
     return params
-  if set(params) == {'params'}:
-    return select_params(params['params'], which)
-  names = {'teacher': ('teacher', 'teacher_params'), 'student': ('student', 'params')}[which]
-  for name in names:
-    if name in params:
-      return select_params(params[name], which)
-  for name in ('params', 'student'):
-    if name in params:
-      logging.warning('no %s parameters found; segmenting with %r', which, name)
-      return select_params(params[name], which)
-  raise KeyError(f'no parameter tree among {sorted(params)}')
+  return select_params(pick_tree(dict(params), which), which)
 
 
 # --- geometry ---

@@ -15,9 +15,6 @@ import ml_collections
 from cosmos_jax import convert, models
 from cosmos_jax.train import checkpoint, optim, partition, state as state_lib
 
-_ROLES = {'teacher': ('teacher_params', 'teacher'), 'student': ('params', 'student')}
-
-
 def _checkpoint_dir(path: str) -> Optional[str]:
   for candidate in (os.path.join(path, 'checkpoints'), path):
     if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
@@ -25,24 +22,17 @@ def _checkpoint_dir(path: str) -> Optional[str]:
   return None
 
 
-def _pick(trees: dict, which: str, source: str) -> Any:
-  for name in _ROLES[which] + _ROLES['student']:
-    if name in trees:
-      return trees[name]
-  raise ValueError(f'{source}: no {which} parameters (trees: {sorted(trees)})')
-
-
 def load_for_eval(path: str, *, which: str = 'teacher',
                   variant: Optional[str] = None) -> tuple[models.ModelConfig, Any]:
   """(model config, the ``which`` tree); a CLIP-only run has no teacher and gives its params."""
-  if which not in _ROLES:
+  if which not in ('teacher', 'student'):
     raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
   ckpt_dir = _checkpoint_dir(path) if os.path.isdir(path) else None
   if ckpt_dir is None or convert.params_io.is_params_dir(path):
     trees, config = convert.load_params(path, variant=variant)
-    return config, _pick(trees, which, path)
+    return config, convert.pick_tree(trees, which)
   ckpt = checkpoint.Checkpointer(ckpt_dir)
   try:
     saved = ckpt.read_config()
@@ -59,4 +49,4 @@ def load_for_eval(path: str, *, which: str = 'teacher',
     state, _, _ = ckpt.restore(target=target)
   finally:
     ckpt.close()
-  return model_cfg, _pick(state, which, ckpt_dir)
+  return model_cfg, convert.pick_tree(state, which)
