@@ -25,6 +25,10 @@ def get_config(arg: str = ''):
   c.mesh.preset = 'dp'
   c.checkpoint.every_steps = 200
   c.log_every_steps = 25
+  c.eval.tasks = ('synthetic',)
+  c.eval.every_steps = 300
+  c.eval.batch_size = 200
   if arg == 'clip':   # the CLIP-only baseline with the same budget
     c.model.cosmos = False
+    c.eval.which = 'student'
   return c

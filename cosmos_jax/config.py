@@ -52,6 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
       rules=(),                      # an explicit logical->mesh table; overrides the preset
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(
+      # TASK:DATASET=ROOT specs of `cosmos-jax eval` ('synthetic' = all three on the embedded
+      # val split). Run every `every_steps` (0: only at the end) and after the last step.
+      tasks=('retrieval:coco=/data/coco',),
+      every_steps=2768,              # one CC3M epoch at batch 1024, as the reference's --val-data
+      which='teacher',               # 'teacher', 'student' or 'both'
+      batch_size=256,
+  ))
   c.log_every_steps = 50
   return c
 
@@ -89,6 +97,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0 <= config.data.max_bad_fraction < 1, 'data.max_bad_fraction', 'must be in [0, 1)')
   need(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be positive')
   need(math.isfinite(config.optim.weight_decay), 'optim.weight_decay', 'must be finite')
+  need(config.eval.every_steps >= 0, 'eval.every_steps', 'must be >= 0 (0: only at the end)')
+  need(config.eval.which in ('teacher', 'student', 'both'), 'eval.which',
+       "must be 'teacher', 'student' or 'both'")
+  need(config.eval.which == 'student' or config.model.cosmos, 'eval.which',
+       "a CLIP-only run (model.cosmos=False) has no teacher; use 'student'")
+  need(config.eval.batch_size > 0, 'eval.batch_size', 'must be positive')
 
 
 def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
