@@ -20,6 +20,10 @@ def tiny_config(**overrides):
   config.log_every_steps = 1
   config.data.synthetic.image_size = 32
   config.data.synthetic.num_train = 64
+  config.data.synthetic.num_val = 16
+  config.eval.every_steps = 0          # only after the last step
+  config.eval.which = 'both'
+  config.eval.batch_size = 8
   config.mesh.shape = (2, 2, 2)
   config.mesh.preset = 'fsdp_tp'
   for key, value in overrides.items():
@@ -27,19 +31,50 @@ def tiny_config(**overrides):
   return config
 
 
+def _tensorboard_tags(path):
+  """Scalar tags in a TensorBoard event file, read with tensorboardX's own protobufs."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  with open(path, 'rb') as f:
+    while header := f.read(12):
+      (length,) = struct.unpack('<Q', header[:8])
+      event = event_pb2.Event.FromString(f.read(length))
+      f.read(4)   # the data's CRC
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
 def test_train_resume_and_non_finite_stop(tmp_path):
   workdir = str(tmp_path / 'run')
   result = loop.train(tiny_config(), workdir)
-  assert result == {'step': 4, 'status': 'completed', 'metrics': result['metrics']}
+  assert (result['step'], result['status']) == (4, 'completed')
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')))[-2:] == ['2', '4']
-  steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  assert steps == [1, 2, 3, 4]
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 4]   # the last line: the evaluation
+  assert {'total_loss', 'clip_loss', 'distill_loss', 'lr', 'steps_per_sec'} <= set(records[0])
+  for tree in ('student', 'teacher'):
+    r1 = records[-1][f'eval/{tree}/retrieval/synthetic/t2i_R@1']
+    assert 0 <= r1 <= 100 and r1 == result['evaluations'][4][
+        f'eval/{tree}/retrieval/synthetic/t2i_R@1']
+    out = os.path.join(workdir, 'eval', 'step_4', tree)
+    saved = json.load(open(os.path.join(out, 'results.json')))
+    assert saved['retrieval']['synthetic']['t2i_R@1'] == r1
+    assert {'retrieval_synthetic_val.png', 'results.md'} <= set(os.listdir(out))
+    assert any(f.endswith('.png') for f in os.listdir(os.path.join(out, 'overlays_synthetic')))
+  assert json.load(open(os.path.join(workdir, 'config.json')))['batch_size'] == 8
+  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert len(events) == 1 and events[0].startswith('events.out.tfevents')
+  assert _tensorboard_tags(os.path.join(workdir, 'tensorboard', events[0])) >= {
+      'train/total_loss', 'eval/teacher/retrieval/synthetic/t2i_R_1'}   # TensorBoard: @ -> _
+  assert result['plots'] == os.path.join(workdir, 'plots', 'curves.png')
+  assert open(result['plots'], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
   # Resumed at step 4; an absurd learning rate makes step 6's loss non-finite.
   with pytest.raises(loop.NonFiniteLossError, match=r'non-finite loss at step 6: .*clip_loss='):
     loop.train(tiny_config(total_steps=6, **{'optim.lr': 1e12}), workdir)
   steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  assert steps == [1, 2, 3, 4, 5]       # resumed: steps 1-4 were not run again
+  assert steps == [1, 2, 3, 4, 4, 5]    # resumed: steps 1-4 were not run again
   # The last good checkpoint stays the latest one.
   assert max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()) == 4
 

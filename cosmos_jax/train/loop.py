@@ -1,6 +1,8 @@
-"""The training loop: data -> jitted step -> metrics -> checkpoint, composed from the pieces.
+"""The training loop: data -> jitted step -> metrics -> evaluation -> checkpoint.
 
-Resumes automatically from the latest checkpoint in ``workdir`` (state and data-iterator
+Writes into ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` and
+TensorBoard events (``tensorboard/``), ``checkpoints/``, ``eval/step_<N>/<tree>/`` (results
+and PNGs) and ``plots/curves.png``. Resumes automatically from the latest checkpoint in ``workdir`` (state and data-iterator
 position, so the next batch is the one an uninterrupted run would see); SIGTERM saves at the
 current step and returns; a non-finite loss stops the run naming the step and the loss
 terms, before any checkpoint of that step is written.
@@ -22,10 +24,14 @@ import ml_collections
 from cosmos_jax import config as config_lib
 from cosmos_jax import models
 from cosmos_jax.data import pipeline
-from cosmos_jax.train import checkpoint, distributed, optim, partition
+from cosmos_jax.train import checkpoint, distributed, optim, partition, reporting
+from cosmos_jax.train.evaluation import InLoopEval
 from cosmos_jax.train.from_config import model_config, open_train_source, pipeline_config
 from cosmos_jax.train import state as state_lib
 from cosmos_jax.train import step as step_lib
+
+
+HEADLINE_METRICS = ('R@1', 'top1', 'mIoU')   # printed after each evaluation
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,27 +48,15 @@ def check_finite(step: int, metrics: dict) -> dict:
   return values
 
 
-class MetricsWriter:
-  """metrics.jsonl in the work directory (primary host only)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.enabled = distributed.is_primary()
-
-  def write(self, step: int, values: dict) -> None:
-    if self.enabled:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': step, **values}) + '\n')
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains to ``config.total_steps``; returns the last logged metrics and how it ended."""
+  """Trains to ``config.total_steps``; returns the last metrics, the evaluations and how it ended."""
   config_lib.validate(config)
   distributed.initialize()
   os.makedirs(workdir, exist_ok=True)
   mcfg = model_config(config)
   mesh = partition.make_mesh(config.mesh.shape)
   partition.check_batch_size(config.batch_size, mesh)
+  evaluator = InLoopEval(config, mcfg, workdir, mesh)   # a missing dataset fails here
   rules = config_lib.logical_rules(config)
   tx, schedule = optim.optimizer_from_config(config.optim, config.total_steps)
   distill = mcfg.cosmos
@@ -96,11 +90,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sh = partition.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, step_cfg),
                                        shardings, batch_sh)
-  writer = MetricsWriter(workdir)
+  log = reporting.RunLog(workdir)
+  log.write_config(config.to_dict())
+  curves_png = os.path.join(workdir, 'plots', 'curves.png')
   preempt = checkpoint.install_sigterm_handler()
   step = int(state['step'])
   last: dict[str, Any] = {}
+  evaluations: dict[int, dict[str, float]] = {}
   status = 'completed'
+  bar = reporting.progress_bar(config.total_steps, step, enabled=log.enabled)
   start, start_step = time.perf_counter(), step
   try:
     with jax.set_mesh(mesh):
@@ -110,10 +108,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step += 1
         # Checked every step (one host sync) so no checkpoint ever holds a non-finite state.
         last = check_finite(step, metrics)
+        bar.update(1)
         if step % config.log_every_steps == 0 or step == config.total_steps:
           last['steps_per_sec'] = (step - start_step) / (time.perf_counter() - start)
-          writer.write(step, last)
-          logging.info('step %d: %s', step, json.dumps(last))
+          log.write(step, last)
+          bar.set_postfix(loss=f'{last["total_loss"]:.4f}', refresh=False)
+          logging.debug('step %d: %s', step, json.dumps(last))
+        if evaluator.due(step, config.total_steps):
+          evaluations[step] = evaluator(step, state)
+          log.write(step, evaluations[step])
+          bar.write(f'step {step}: ' + ', '.join(
+              '{1} {2}/{3} {4}'.format(*k.split('/')) + f' {v:.2f}'
+              for k, v in evaluations[step].items() if k.endswith(HEADLINE_METRICS)))
         stop = checkpoint.should_stop(preempt, step, ckpt)
         ckpt.save(step, state, data_state=data.get_state(), config=config.to_dict(),
                   force=stop or step == config.total_steps)
@@ -121,8 +127,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           status = 'preempted'
           break
   finally:
+    bar.close()
     ckpt.wait()
     ckpt.close()
     data.close()
     preempt.uninstall()
-  return {'step': step, 'status': status, 'metrics': last}
+    log.close()
+    if log.enabled:
+      reporting.plot_curves(log.jsonl_path, curves_png, title=f'{mcfg.name}, '
+                            f'{"COSMOS" if distill else "CLIP"}, batch {config.batch_size}')
+  return {'step': step, 'status': status, 'metrics': last, 'evaluations': evaluations,
+          'plots': curves_png if log.enabled else None}

@@ -1,0 +1,109 @@
+"""What a run shows while it trains: a progress bar, metrics.jsonl, TensorBoard events, plots.
+
+Only the primary host writes; every other host gets the same object with writing switched
+off, so the loop does not branch on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import sys
+from typing import Any, Mapping, Optional
+
+import tqdm
+
+from cosmos_jax.train import distributed
+
+# Curves drawn by plot_curves, one panel each; a panel is skipped when none of its keys logged.
+PANELS = (
+    ('loss', ('total_loss', 'clip_loss', 'distill_loss')),
+    # student cross-modal image/text -> teacher image/text (losses.cosmos_loss)
+    ('distillation terms', ('distill_i2i', 'distill_i2t', 'distill_t2i', 'distill_t2t')),
+    ('temperature exp(scale)', ('logit_scale', 'distill_logit_scale')),
+    ('learning rate', ('lr',)),
+)
+
+
+class RunLog:
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard events in ``workdir``."""
+
+  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+    self.workdir = workdir
+    self.enabled = distributed.is_primary() if enabled is None else enabled
+    self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in values.items() if isinstance(v, numbers.Real)}
+    with open(self.jsonl_path, 'a') as f:
+      f.write(json.dumps({'step': step, **scalars}) + '\n')
+    for name, value in scalars.items():
+      self._tb.add_scalar(name if '/' in name else f'train/{name}', value, step)
+
+  def write_config(self, config_dict: Mapping[str, Any]) -> Optional[str]:
+    """The resolved config as JSON (every default filled in) and as TensorBoard text."""
+    if not self.enabled:
+      return None
+    path = os.path.join(self.workdir, 'config.json')
+    with open(path, 'w') as f:
+      json.dump(config_dict, f, indent=2, default=str)
+      f.write('\n')
+    self._tb.add_text('config', '```\n' + json.dumps(config_dict, indent=2, default=str)
+                      + '\n```', 0)
+    return path
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm.tqdm:
+  """Steps with rate and ETA; redraws less often when stderr is a log file, not a terminal."""
+  return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                   disable=not enabled, mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                   smoothing=0.1)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(jsonl_path: str, png_path: str, title: str = '') -> Optional[str]:
+  """Loss, distillation terms, temperatures and learning rate against step, as one PNG."""
+  records = read_jsonl(jsonl_path)
+  panels = [(name, [k for k in keys if any(k in r for r in records)]) for name, keys in PANELS]
+  panels = [(name, keys) for name, keys in panels if keys]
+  if not panels:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  for ax, (name, keys) in zip(axes[0], panels):
+    for key in keys:
+      points = [(r['step'], r[key]) for r in records if key in r]
+      ax.plot(*zip(*points), label=key, linewidth=1.2)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    if len(keys) > 1:
+      ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+  fig.savefig(png_path, dpi=90)
+  plt.close(fig)
+  return png_path
