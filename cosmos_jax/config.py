@@ -110,3 +110,41 @@ def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   for part in dotted.split('.'):
     value = value[part]
   return value
+
+
+def reference_steps_per_epoch(num_samples: int, batch_size: int, loader_workers: int = 16) -> int:
+  """Steps in one epoch as the reference's loader counts them (open_clip ``get_wds_dataset``).
+
+  N / batch is rounded up, then up again to a multiple of the data-loader workers per process
+  (16 in every train script, spec 2.4), so that each worker yields the same number of batches.
+  """
+  batches = -(-num_samples // batch_size)
+  return -(-batches // loader_workers) * loader_workers
+
+
+def reference_recipe(arg: str, *, train: str, num_samples: int, batch_size: int, momentum: float,
+                     variant: str = 'ViT-B-16', text_mode: str = 'textcrop',
+                     epochs: int = 32) -> ml_collections.ConfigDict:
+  """One of the paper's runs (spec 2.1, 4.1): ``base_config()`` plus what differs per dataset.
+
+  ``arg`` is '' for COSMOS or 'clip' for the CLIP-only baseline with the same step budget.
+  The run is ``epochs`` epochs of ``reference_steps_per_epoch`` steps, evaluated after each
+  epoch as the reference's ``--val-data``.
+  """
+  if arg not in ('', 'clip'):
+    raise ValueError(f"unknown recipe argument {arg!r}: use none (COSMOS) or 'clip'")
+  c = base_config()
+  c.model.variant = variant
+  c.data.train = train
+  c.data.text_mode = text_mode
+  c.batch_size = batch_size
+  c.ema.momentum = momentum
+  epoch = reference_steps_per_epoch(num_samples, batch_size)
+  c.total_steps = epochs * epoch
+  c.eval.every_steps = epoch
+  # Below every recipe's epoch (2448 to 6576 steps): a preempted run loses at most 2000 steps.
+  c.checkpoint.every_steps = 2000
+  if arg == 'clip':
+    c.model.cosmos = False
+    c.eval.which = 'student'   # a CLIP-only run has no teacher
+  return c

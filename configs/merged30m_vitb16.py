@@ -1,0 +1,37 @@
+"""COSMOS ViT-B/16 on Merged-30M: the reference recipe, 32 epochs at global batch 4096.
+
+The paper's headline checkpoint. Single host (every local accelerator), then the CLIP-only
+baseline with the same budget:
+  cosmos-jax train --config configs/merged30m_vitb16.py --workdir runs/merged30m_vitb16
+  cosmos-jax train --config configs/merged30m_vitb16.py:clip --workdir runs/merged30m_vitb16_clip
+TPU pod (64 chips x 64) and SLURM (8 nodes x 8 GPUs):
+  launch/tpu_pod.sh --name NAME --zone ZONE --type v4-128 \
+      --config configs/merged30m_vitb16.py --workdir gs://BUCKET/runs/merged30m_vitb16
+  CONFIG=configs/merged30m_vitb16.py WORKDIR=/shared/runs/merged30m_vitb16 \
+      sbatch --nodes=8 launch/slurm_gpu.sbatch
+
+Data: the DreamLIP-recaptioned CC3M, CC12M and YFCC15M webdataset tars joined with '::' (TRAIN
+below), the CC3M part from shard 0001 as in the reference script; override the placeholder
+roots with --config.data.train='CC3M_PATTERN::CC12M_PATTERN::YFCC15M_PATTERN' (local or mounted
+files; on a TPU pod, overrides go in the full command after `--`, see launch/tpu_pod.sh --help).
+The epoch length uses the script's 26,899,071 samples, the sum of the three datasets although
+shard 0000 of CC3M is left out. Eval: COCO val2017 retrieval under /data/coco each epoch.
+
+Expected, from the official COSMOS checkpoint (README, spec 7; whether these are the teacher's
+or the student's numbers is open, spec 5.1): COCO R@1 I2T 68.0 / T2I 52.5, Flickr30k R@1
+I2T 92.9 / T2I 80.3, ImageNet zero-shot top-1 57.6. Training-free segmentation mIoU (teacher
+with CSA, `cosmos-jax eval`; from a public listing, not the repository): VOC20 77.7,
+Context59 33.7, COCO-Object 31.3, COCO-Stuff171 23.2, Cityscapes 34.7, ADE20K 17.7.
+"""
+
+from cosmos_jax.config import reference_recipe
+
+TRAIN = ('/data/cc3m/cc3m-train-{0001..0575}.tar'
+         '::/data/cc12m/cc12m-train-{0000..2175}.tar'
+         '::/data/yfcc15m/yfcc15m-train-{0000..3636}.tar')
+
+
+def get_config(arg: str = ''):
+  # 6576 steps per epoch, 210,432 in all.
+  return reference_recipe(arg, train=TRAIN, num_samples=26_899_071, batch_size=4096,
+                          momentum=0.99)
