@@ -6,8 +6,8 @@ import pytest
 from cosmos_jax import cli
 
 
-def test_demo_prints_a_similarity_matrix(capsys):
-  assert cli.main(['demo', '--num', '3']) == 0
+def test_similarity_prints_a_matrix(capsys):
+  assert cli.main(['similarity', '--num', '3']) == 0
   out = capsys.readouterr().out
   assert 'model: tiny (COSMOS), random init' in out
   assert out.count('image ') == 3 and 'a photo of a red circle.' in out
@@ -36,12 +36,12 @@ def test_convert_round_trip_and_demo_from_weights(tmp_path, torch_modules, capsy
   assert len(back) == 62  # the tiny model's open_clip keys, COSMOS modules dropped
   np.testing.assert_array_equal(back['visual.proj'], sd['visual.proj'].numpy())
   capsys.readouterr()
-  assert cli.main(['demo', '--weights', str(tmp_path / 'params'), '--num', '2']) == 0
+  assert cli.main(['similarity', '--weights', str(tmp_path / 'params'), '--num', '2']) == 0
   assert 'weights ' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('argv,message', [
-    (['demo', '--variant', 'ViT-Q-99'], "unknown model variant 'ViT-Q-99'"),
+    (['similarity', '--variant', 'ViT-Q-99'], "unknown model variant 'ViT-Q-99'"),
     (['convert', 'missing.pt', 'out'], 'missing.pt'),
     (['convert', 'a.txt', 'out'], 'neither a params directory'),
 ])

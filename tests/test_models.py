@@ -159,3 +159,22 @@ def test_gradients_flow_to_every_student_parameter():
   dead = ['/'.join(k.key for k in path) for path, x in flat if not np.any(np.asarray(x))]
   # Only rows of tokens that never occur get no gradient; every tensor must get some.
   assert not dead, f'no gradient reaches {dead}'
+
+
+def test_clip_only_student_encodes_globals_and_all_captions():
+  """The CLIP-only baseline's student: global crops and captions through the plain encoders."""
+  cfg = models.get_variant('tiny', cosmos=False)
+  model = models.CLIP(cfg)
+  params = models.init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.standard_normal((3, 2, 32, 32, 3)), jnp.float32)
+  loc = jnp.asarray(rng.standard_normal((3, 6, 16, 16, 3)), jnp.float32)
+  txt = jnp.asarray(rng.integers(1, 1000, (3, 8, cfg.text.context_length)), jnp.int32)
+  out = model.apply({'params': params}, g, loc, txt, method=models.CLIP.student)
+  img, _ = model.apply({'params': params}, g[:, 1], method=models.CLIP.encode_image)
+  tx, _ = model.apply({'params': params}, txt[:, 5], method=models.CLIP.encode_text)
+  assert out['image_features'].shape == (2, 3, cfg.embed_dim)
+  assert out['text_features'].shape == (8, 3, cfg.embed_dim)
+  np.testing.assert_allclose(out['image_features'][1], img, atol=1e-6)
+  np.testing.assert_allclose(out['text_features'][5], tx, atol=1e-6)
+  assert 'image_cross' not in out

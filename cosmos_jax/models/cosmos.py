@@ -81,9 +81,15 @@ class CLIP(nn.Module):
     global crop 1 of sample i. The query is the raw embedding and the residual is added to it
     before L2 normalisation. Returns normalised (V, B, E) stacks and the log-space scales.
     """
-    if not self.config.cosmos:
-      raise ValueError('the student forward needs a COSMOS model (config.cosmos=True)')
     b, n_global = global_crops.shape[:2]
+    if not self.config.cosmos:
+      # The CLIP-only baseline: L_CLIP reads the global crops only, so the local crops
+      # (which feed the cross poolers alone) are not encoded.
+      image_features, _ = self.encode_image(_views_first(global_crops))
+      text_features, _ = self.encode_text(_views_first(texts))
+      return {'image_features': image_features.reshape(n_global, b, -1).astype(jnp.float32),
+              'text_features': text_features.reshape(texts.shape[1], b, -1).astype(jnp.float32),
+              'logit_scale': self.logit_scale}
     pooled, aux = self.visual(_views_first(global_crops))
     image_features = [pooled.reshape(n_global, b, -1)]
     crop1_tokens = aux['tokens'][:b]

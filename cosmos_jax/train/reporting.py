@@ -94,7 +94,7 @@ def plot_curves(jsonl_path: str, png_path: str, title: str = '') -> Optional[str
   for ax, (name, keys) in zip(axes[0], panels):
     for key in keys:
       points = [(r['step'], r[key]) for r in records if key in r]
-      ax.plot(*zip(*points), label=key, linewidth=1.2)
+      ax.plot(*zip(*points), label=key, linewidth=1.2, marker='.' if len(points) < 20 else None)
     ax.set_title(name, fontsize=10)
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)

@@ -1,0 +1,49 @@
+"""The demo end to end (a few steps, COSMOS and the CLIP baseline) and its chance levels."""
+
+import os
+
+import numpy as np
+import pytest
+
+from cosmos_jax import demo
+
+SMALL = ['--config.batch_size=8', '--config.data.synthetic.num_train=64',
+         '--config.data.synthetic.num_val=16', '--config.eval.batch_size=8']
+
+
+def test_chance_levels_hand_worked():
+  # Two shapes (k = 3 classes with background) over 10 pixels: counts 6, 4, 0.
+  masks = [np.array([[0, 0, 0], [0, 1, 1]]), np.array([[0, 0], [1, 1]])]
+  chance = demo.chance_levels(num_val=50, image_size=3, num_shapes=2, masks=masks)
+  iou = [(6 / 3) / (6 + 10 / 3 - 6 / 3), (4 / 3) / (4 + 10 / 3 - 4 / 3), 0.0]
+  assert chance['mIoU'] == pytest.approx(100 * np.mean(iou))
+  assert chance['t2i_R@1'] == pytest.approx(2.0) and chance['i2t_R@5'] == pytest.approx(10.0)
+  assert chance['top1'] == pytest.approx(50.0) and chance['top5'] == pytest.approx(100.0)
+
+
+def test_chance_miou_matches_simulated_random_guessing():
+  rng = np.random.default_rng(0)
+  masks = [rng.choice(4, size=(40, 40), p=[0.7, 0.2, 0.1, 0.0]) for _ in range(20)]
+  from cosmos_jax.eval.segmentation import miou
+  guesses = [rng.integers(0, 4, m.shape) for m in masks]
+  simulated = miou(guesses, masks, num_classes=4)['mIoU']
+  assert demo.chance_levels(20, 40, 3, masks)['mIoU'] == pytest.approx(simulated, abs=0.3)
+
+
+def test_demo_compare_trains_both_and_reports(tmp_path):
+  report = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL)
+  assert '| metric | COSMOS | CLIP | chance |' in report
+  assert '| retrieval text->image R@1 |' in report and 'reused' not in report
+  for name, tree in (('cosmos', 'teacher'), ('clip', 'student')):
+    run = tmp_path / name
+    assert (run / 'plots' / 'curves.png').is_file()
+    out = run / 'eval' / 'step_2' / tree
+    assert (out / 'results.json').is_file() and (out / 'retrieval_synthetic_val.png').is_file()
+    assert any(f.endswith('.png') for f in os.listdir(out / 'overlays_synthetic'))
+    assert str(out / 'overlays_synthetic') in report
+  assert (tmp_path / 'compare.png').is_file()
+  # A second call reuses the finished runs and prints the same table.
+  again = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL)
+  assert again.count('reused a finished run') == 2
+  table = lambda text: [l for l in text.splitlines() if l.startswith('|')]
+  assert table(again) == table(report)
