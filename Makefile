@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test install install-test clean
+.PHONY: demo demo-compare test install install-test clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ $(VENV)/.test: $(VENV)/.base
 install: $(VENV)/.base
 install-test: $(VENV)/.test
 
+DEMO_DIR ?= runs/demo
+
+# Trains the tiny COSMOS on the synthetic dataset, evaluates it, prints the table and PNG paths.
 demo: $(VENV)/.base
-	$(PY) -m cosmos_jax.cli demo
+	$(PY) -m cosmos_jax.cli demo --workdir $(DEMO_DIR)
+
+# The same, then the CLIP-only baseline on the same budget; both side by side.
+demo-compare: $(VENV)/.base
+	$(PY) -m cosmos_jax.cli demo --workdir $(DEMO_DIR) --compare
 
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS) tests
