@@ -8,7 +8,7 @@ usage() {
 Usage: launch/local.sh [--processes N] [--cpu-devices D] [--port PORT] [--log-dir DIR] -- COMMAND [ARGS...]
 
 Single host (the default, N=1): runs COMMAND as is.
-  launch/local.sh -- python -m cosmos_jax.cli train --config configs/cosmos_vitb16_merged30m.py --workdir runs/x
+  launch/local.sh -- python -m cosmos_jax.cli train --config configs/merged30m_vitb16.py --workdir runs/x
 
 N local CPU processes on loopback (N > 1): starts COMMAND N times with
   COSMOS_COORDINATOR_ADDRESS=localhost:PORT  (PORT: --port, else a free one)

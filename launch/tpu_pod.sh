@@ -23,7 +23,7 @@ Options (each also read from the environment variable in brackets):
   --repo URL             git clone URL instead of copying this checkout [COSMOS_REPO_URL]
   --ref REF              branch/tag/commit to check out with --repo    [COSMOS_REPO_REF]
   --remote-dir DIR       checkout directory on the workers (default cosmos_jax) [COSMOS_REMOTE_DIR]
-  --config PATH          config for the default command (default configs/cosmos_vitb16_merged30m.py) [COSMOS_CONFIG]
+  --config PATH          config for the default command (default configs/merged30m_vitb16.py) [COSMOS_CONFIG]
   --workdir URL          workdir for the default command, e.g. gs://bucket/runs/x  [COSMOS_WORKDIR]
   --skip-setup           reuse the code and virtualenv already on the workers
   --detach               run in the background on the workers (log: ~/cosmos_run.log)
@@ -34,7 +34,7 @@ Examples:
   launch/tpu_pod.sh --name cosmos-v4 --zone us-central2-b --type v4-64 \
       --workdir gs://my-bucket/cosmos/vitb16
   launch/tpu_pod.sh --name cosmos-v4 --zone us-central2-b --skip-setup -- \
-      python -m cosmos_jax.cli train --config configs/cosmos_vitb16_merged30m.py \
+      python -m cosmos_jax.cli train --config configs/merged30m_vitb16.py \
       --workdir gs://my-bucket/cosmos/vitb16
 
 A run that crashed can leave a process holding the TPU ("TPU in use"); find it on the workers
@@ -51,7 +51,7 @@ spot="${COSMOS_TPU_SPOT:-0}"
 repo_url="${COSMOS_REPO_URL:-}"
 repo_ref="${COSMOS_REPO_REF:-}"
 remote_dir="${COSMOS_REMOTE_DIR:-cosmos_jax}"
-config="${COSMOS_CONFIG:-configs/cosmos_vitb16_merged30m.py}"
+config="${COSMOS_CONFIG:-configs/merged30m_vitb16.py}"
 workdir="${COSMOS_WORKDIR:-}"
 skip_setup=0
 detach=0

@@ -85,8 +85,24 @@ def test_eval_on_synthetic_writes_results(tmp_path, capsys):
     (['eval', '--task', 'retrieval:imagenet=.'], "unknown retrieval dataset 'imagenet'"),
     (['train', '--config', 'configs/demo.py', '--workdir', 'x', '--config.optim.lrr=1'],
      "unknown config field 'optim.lrr'"),
+    (['train', '--config', 'configs/demo.py', '--workdir', 'x', '--config.batch_size=big'],
+     'bad value for config.batch_size'),
+    (['train', '--config', 'configs/demo.py', '--workdir', 'x', '--config.optim.lr=-1'],
+     'config.optim.lr = -1.0: must be positive'),
+    (['train', '--config', 'configs/demo.py:bf16', '--workdir', 'x'],
+     "demo config argument must be '' or 'clip'"),
+    (['train', '--config', 'configs/nope.py', '--workdir', 'x'], 'config file not found'),
+    (['train', '--config', 'configs/demo.py', '--workdir', '{workdir}',
+      '--config.data.train=no/such/shard-{0000..0003}.tar'], 'no/such/shard-0000.tar'),
+    (['train', '--config', 'configs/demo.py', '--workdir', '{workdir}',
+      "--config.eval.tasks=('retrieval:coco=no/such/coco',)"],
+     'dataset folder not found: no/such/coco'),
+    (['similarity', '--weights', 'no/such/run'], 'checkpoint not found: no/such/run'),
+    (['demo', '--workdir', '{workdir}', '--config.optim.lrr=1'],
+     "unknown config field 'optim.lrr'"),
 ])
-def test_eval_and_train_errors(argv, message, capsys):
+def test_eval_and_train_errors(argv, message, capsys, tmp_path):
+  argv = [a.replace('{workdir}', str(tmp_path / 'run')) for a in argv]
   assert cli.main(argv) == 2
   assert message in capsys.readouterr().err
 
