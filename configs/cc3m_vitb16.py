@@ -5,7 +5,7 @@ Single host (every local accelerator), then the CLIP-only baseline with the same
   cosmos-jax train --config configs/cc3m_vitb16.py:clip --workdir runs/cc3m_vitb16_clip
 TPU pod (16 chips x 64, as the reference's 16 GPUs) and SLURM (2 nodes x 8 GPUs):
   launch/tpu_pod.sh --name NAME --zone ZONE --type v4-32 \
-      --config configs/cc3m_vitb16.py --workdir gs://BUCKET/runs/cc3m_vitb16
+      --config configs/cc3m_vitb16.py --workdir /mnt/gcs/runs/cc3m_vitb16
   CONFIG=configs/cc3m_vitb16.py WORKDIR=/shared/runs/cc3m_vitb16 sbatch --nodes=2 \
       launch/slurm_gpu.sbatch --config.data.train='/mnt/cc3m/cc3m-train-{0000..0575}.tar'
 

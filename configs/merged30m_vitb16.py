@@ -6,7 +6,7 @@ baseline with the same budget:
   cosmos-jax train --config configs/merged30m_vitb16.py:clip --workdir runs/merged30m_vitb16_clip
 TPU pod (64 chips x 64) and SLURM (8 nodes x 8 GPUs):
   launch/tpu_pod.sh --name NAME --zone ZONE --type v4-128 \
-      --config configs/merged30m_vitb16.py --workdir gs://BUCKET/runs/merged30m_vitb16
+      --config configs/merged30m_vitb16.py --workdir /mnt/gcs/runs/merged30m_vitb16
   CONFIG=configs/merged30m_vitb16.py WORKDIR=/shared/runs/merged30m_vitb16 \
       sbatch --nodes=8 launch/slurm_gpu.sbatch
 

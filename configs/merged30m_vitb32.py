@@ -7,7 +7,7 @@ accelerator), then the CLIP-only baseline with the same budget:
   cosmos-jax train --config configs/merged30m_vitb32.py:clip --workdir runs/merged30m_vitb32_clip
 TPU pod (64 chips x 64) and SLURM (8 nodes x 8 GPUs):
   launch/tpu_pod.sh --name NAME --zone ZONE --type v4-128 \
-      --config configs/merged30m_vitb32.py --workdir gs://BUCKET/runs/merged30m_vitb32
+      --config configs/merged30m_vitb32.py --workdir /mnt/gcs/runs/merged30m_vitb32
   CONFIG=configs/merged30m_vitb32.py WORKDIR=/shared/runs/merged30m_vitb32 \
       sbatch --nodes=8 launch/slurm_gpu.sbatch
 

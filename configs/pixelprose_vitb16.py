@@ -5,7 +5,7 @@ Single host (every local accelerator), then the CLIP-only baseline with the same
   cosmos-jax train --config configs/pixelprose_vitb16.py:clip --workdir runs/pixelprose_vitb16_clip
 TPU pod (64 chips x 64) and SLURM (8 nodes x 8 GPUs):
   launch/tpu_pod.sh --name NAME --zone ZONE --type v4-128 \
-      --config configs/pixelprose_vitb16.py --workdir gs://BUCKET/runs/pixelprose_vitb16
+      --config configs/pixelprose_vitb16.py --workdir /mnt/gcs/runs/pixelprose_vitb16
   CONFIG=configs/pixelprose_vitb16.py WORKDIR=/shared/runs/pixelprose_vitb16 sbatch --nodes=8 \
       launch/slurm_gpu.sbatch --config.data.train='/mnt/pixelprose/{00000..01699}.tar'
 

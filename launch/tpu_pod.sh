@@ -24,7 +24,8 @@ Options (each also read from the environment variable in brackets):
   --ref REF              branch/tag/commit to check out with --repo    [COSMOS_REPO_REF]
   --remote-dir DIR       checkout directory on the workers (default cosmos_jax) [COSMOS_REMOTE_DIR]
   --config PATH          config for the default command (default configs/merged30m_vitb16.py) [COSMOS_CONFIG]
-  --workdir URL          workdir for the default command, e.g. gs://bucket/runs/x  [COSMOS_WORKDIR]
+  --workdir DIR          workdir for the default command, a path every worker shares,
+                         e.g. a bucket mounted with gcsfuse at /mnt/gcs   [COSMOS_WORKDIR]
   --skip-setup           reuse the code and virtualenv already on the workers
   --detach               run in the background on the workers (log: ~/cosmos_run.log)
   --dry-run              print the gcloud commands instead of running them
@@ -32,10 +33,10 @@ Options (each also read from the environment variable in brackets):
 
 Examples:
   launch/tpu_pod.sh --name cosmos-v4 --zone us-central2-b --type v4-64 \
-      --workdir gs://my-bucket/cosmos/vitb16
+      --workdir /mnt/gcs/cosmos/vitb16
   launch/tpu_pod.sh --name cosmos-v4 --zone us-central2-b --skip-setup -- \
       python -m cosmos_jax.cli train --config configs/merged30m_vitb16.py \
-      --workdir gs://my-bucket/cosmos/vitb16
+      --workdir /mnt/gcs/cosmos/vitb16
 
 A run that crashed can leave a process holding the TPU ("TPU in use"); find it on the workers
 with `sudo lsof -w /dev/accel* /dev/vfio/*` and stop it by its pid.
@@ -90,7 +91,7 @@ if [[ $# -gt 0 ]]; then
   command=("$@")
 else
   if [[ -z "$workdir" ]]; then
-    echo "tpu_pod.sh: give --workdir (e.g. gs://bucket/runs/x) or a command after --" >&2
+    echo "tpu_pod.sh: give --workdir (e.g. /mnt/gcs/runs/x) or a command after --" >&2
     exit 2
   fi
   command=(python -m cosmos_jax.cli train --config "$config" --workdir "$workdir")

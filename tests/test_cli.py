@@ -97,6 +97,8 @@ def test_eval_on_synthetic_writes_results(tmp_path, capsys):
     (['train', '--config', 'configs/demo.py', '--workdir', '{workdir}',
       "--config.eval.tasks=('retrieval:coco=no/such/coco',)"],
      'dataset folder not found: no/such/coco'),
+    (['train', '--config', 'configs/demo.py', '--workdir', 'gs://b/run'],
+     'give a local or mounted path'),
     (['similarity', '--weights', 'no/such/run'], 'checkpoint not found: no/such/run'),
     (['demo', '--workdir', '{workdir}', '--config.optim.lrr=1'],
      "unknown config field 'optim.lrr'"),

@@ -51,6 +51,9 @@ def check_finite(step: int, metrics: dict) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to ``config.total_steps``; returns the last metrics, the evaluations and how it ended."""
   config_lib.validate(config)
+  if '://' in workdir:
+    raise ValueError(f'workdir {workdir!r}: give a local or mounted path (mount a bucket with '
+                     'gcsfuse); metrics, events and plots are written with plain file IO')
   distributed.initialize()
   os.makedirs(workdir, exist_ok=True)
   mcfg = model_config(config)
