@@ -104,9 +104,14 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
   from cosmos_jax import bench, config_cli
+  from cosmos_jax.bench.memory import parse_mesh
   config = config_cli.load_config_file(args.config)
   config_cli.apply_overrides(config, args.overrides)
-  results = bench.run(config, args.out, repeats=args.repeats)
+  skip = [s.strip() for s in (args.skip or '').split(',') if s.strip()]
+  meshes = [parse_mesh(m) for m in args.meshes] if args.meshes else None
+  results = bench.run(config, args.out, repeats=args.repeats, data_batches=args.data_batches,
+                      meshes=meshes, skip=skip, per_device_batch=args.per_device_batch,
+                      official_repo=args.official_repo)
   print(bench.format_table(results))
   if args.out:
     print(f'written to {args.out}')
@@ -218,12 +223,29 @@ def build_parser() -> argparse.ArgumentParser:
                  help='PyTorch layout to write (default: cosmos for COSMOS models, else open_clip)')
   p.set_defaults(func=_cmd_convert)
 
-  p = sub.add_parser('bench', help='time the train step, the data pipeline and evaluation',
-                     description='Compilation is excluded; medians over --repeats calls. '
-                                 'Config overrides apply (--config.batch_size=2).')
+  p = sub.add_parser(
+      'bench', help='time the train step, count its FLOPs, measure peak, memory, data and eval',
+      description='Train step seconds (compilation excluded; medians over --repeats calls), '
+                  'model FLOPs per step (analytic), achieved FLOP/s and its fraction of the '
+                  'matmul peak measured in the same run, per-device memory of the compiled '
+                  'step for each --meshes shape (meshes larger than this machine compile on '
+                  'forced CPU devices in a child process), data-pipeline samples/s and '
+                  'evaluation images/s. Config overrides apply (--config.batch_size=2).')
   p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
   p.add_argument('--out', help='write the figures as JSON here')
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--meshes', nargs='+', metavar='D,F,M',
+                 help="mesh shapes ('data','fsdp','model') of the memory table, e.g. 8,1,1 "
+                      "2,2,2 16,4,1 (default: the config's mesh)")
+  p.add_argument('--per-device-batch', type=int,
+                 help='memory table: global batch = this x data x fsdp of each mesh '
+                      "(default: the config's batch_size, which must divide each)")
+  p.add_argument('--skip', metavar='SECTIONS',
+                 help='comma-separated sections to leave out: train, peak, memory, data, eval')
+  p.add_argument('--data-batches', type=int, default=10, help='batches timed from the pipeline')
+  p.add_argument('--official-repo', metavar='PATH',
+                 help='also time the official PyTorch step from this ExplainableML/cosmos '
+                      'checkout and report the speedup')
   p.set_defaults(func=_cmd_bench, accepts_overrides=True)
 
   p = sub.add_parser('variants', help='list the named model variants')
