@@ -195,3 +195,19 @@ def test_cli_bench_memory_only(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert 'model FLOPs/step' in printed and 'per-device memory' in printed
   assert 'estimate for GPU/TPU' in printed
+
+
+def test_data_parallelism_splits_the_activations():
+  """8-way data parallelism leaves each device about 1/8 of the step's temporaries.
+
+  Regression: merging views view-major, (V*B, ...), left the sharded sample axis minor, and
+  XLA gathered the whole batch onto every device.
+  """
+  from cosmos_jax import config_cli
+  from cosmos_jax.bench import memory
+  config = config_cli.load_config_file('configs/demo.py')
+  config.mesh.preset = 'dp'
+  one = memory.compiled_memory(config, (1, 1, 1))
+  eight = memory.compiled_memory(config, (8, 1, 1))
+  assert 'error' not in one and 'error' not in eight
+  assert eight['temp_bytes'] < 0.3 * one['temp_bytes'], (one['temp_bytes'], eight['temp_bytes'])

@@ -22,10 +22,18 @@ from cosmos_jax.models.vision import VisionTransformer
 Dtype = Any
 
 
-def _views_first(x: jax.Array) -> jax.Array:
-  """(B, V, ...) -> (V*B, ...), row v*B + i being view v of sample i."""
-  x = jnp.swapaxes(x, 0, 1)
+def _flatten_views(x: jax.Array) -> jax.Array:
+  """(B, V, ...) -> (B*V, ...), row i*V + v being view v of sample i.
+
+  Sample-major, so a batch sharded over its samples stays sharded through the towers; a
+  view-major merge would leave the sharded axis minor and make XLA gather the whole batch.
+  """
   return x.reshape((-1,) + x.shape[2:])
+
+
+def _views_by_sample(y: jax.Array, b: int) -> jax.Array:
+  """(B*V, ...) from the towers -> (V, B, ...), the layout of the losses."""
+  return jnp.swapaxes(y.reshape((b, -1) + y.shape[1:]), 0, 1)
 
 
 class CLIP(nn.Module):
@@ -85,23 +93,22 @@ class CLIP(nn.Module):
     if not self.config.cosmos:
       # The CLIP-only baseline: L_CLIP reads the global crops only, so the local crops
       # (which feed the cross poolers alone) are not encoded.
-      image_features, _ = self.encode_image(_views_first(global_crops))
-      text_features, _ = self.encode_text(_views_first(texts))
-      return {'image_features': image_features.reshape(n_global, b, -1).astype(jnp.float32),
-              'text_features': text_features.reshape(texts.shape[1], b, -1).astype(jnp.float32),
+      image_features, _ = self.encode_image(_flatten_views(global_crops))
+      text_features, _ = self.encode_text(_flatten_views(texts))
+      return {'image_features': _views_by_sample(image_features, b).astype(jnp.float32),
+              'text_features': _views_by_sample(text_features, b).astype(jnp.float32),
               'logit_scale': self.logit_scale}
-    pooled, aux = self.visual(_views_first(global_crops))
-    image_features = [pooled.reshape(n_global, b, -1)]
-    crop1_tokens = aux['tokens'][:b]
+    pooled, aux = self.visual(_flatten_views(global_crops))
+    image_features = [_views_by_sample(pooled, b)]
+    crop1_tokens = _views_by_sample(aux['tokens'], b)[0]
     if local_crops is not None and local_crops.shape[1]:
-      local_pooled, _ = self.visual(_views_first(local_crops))
-      image_features.append(local_pooled.reshape(local_crops.shape[1], b, -1))
+      local_pooled, _ = self.visual(_flatten_views(local_crops))
+      image_features.append(_views_by_sample(local_pooled, b))
     z_img = jnp.concatenate(image_features).astype(jnp.float32)        # (Vi, B, E)
 
-    n_text = texts.shape[1]
-    pooled, aux = self.text(_views_first(texts))
-    z_txt = pooled.reshape(n_text, b, -1).astype(jnp.float32)           # (Vt, B, E)
-    caption1_tokens = aux['tokens'][:b]
+    pooled, aux = self.text(_flatten_views(texts))
+    z_txt = _views_by_sample(pooled, b).astype(jnp.float32)            # (Vt, B, E)
+    caption1_tokens = _views_by_sample(aux['tokens'], b)[0]
 
     image_ctx = self.image_token_mapping(crop1_tokens)                  # (B, N, E)
     text_ctx = self.text_token_mapping(caption1_tokens)                 # (B, C, E)
@@ -127,10 +134,10 @@ class CLIP(nn.Module):
     captions. No cross-attention modules are used.
     """
     b, n_global = global_crops.shape[:2]
-    image_features, _ = self.encode_image(_views_first(global_crops))
-    text_features, _ = self.encode_text(_views_first(texts[:, :n_global]))
-    return {'image_features': image_features.reshape(n_global, b, -1),
-            'text_features': text_features.reshape(n_global, b, -1)}
+    image_features, _ = self.encode_image(_flatten_views(global_crops))
+    text_features, _ = self.encode_text(_flatten_views(texts[:, :n_global]))
+    return {'image_features': _views_by_sample(image_features, b),
+            'text_features': _views_by_sample(text_features, b)}
 
   def init_all(self, images: jax.Array, texts: jax.Array) -> Any:
     """Touches every parameter (used by ``init``): images (B, V, H, W, 3), texts (B, V, C)."""
