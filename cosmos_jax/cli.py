@@ -132,16 +132,49 @@ def _cmd_variants(args: argparse.Namespace) -> int:
   return 0
 
 
+EXAMPLES = '''examples:
+  cosmos-jax demo                                    # tiny COSMOS on synthetic data, ~10 min on CPU
+  cosmos-jax train --config configs/cc3m_vitb16.py --workdir runs/cc3m \\
+      --config.data.train='/data/cc3m/cc3m-train-{0000..0575}.tar'
+  cosmos-jax eval --checkpoint runs/cc3m --task retrieval:coco=/data/coco
+  cosmos-jax convert cosmos_vitb16_merged30m.pt ckpt/vitb16_merged30m
+  cosmos-jax bench --config configs/demo.py --out runs/bench.json
+
+Run `cosmos-jax COMMAND --help` for a command's options.'''
+
+TRAIN_EPILOG = '''config files (configs/, each with a :clip CLIP-only baseline):
+  demo.py                the tiny model on the embedded synthetic dataset (CPU)
+  cc3m_vitb16.py         cc12m_vitb16.py      yfcc15m_vitb16.py
+  merged30m_vitb16.py    pixelprose_vitb16.py merged30m_vitb32.py   (the paper's recipes)
+
+config sections (README "Configuration reference"; config.json in a workdir lists them all):
+  seed, total_steps, batch_size, model.*, data.*, optim.*, ema.*, mesh.*, checkpoint.*, eval.*,
+  log_every_steps
+
+examples:
+  cosmos-jax train --config configs/demo.py --workdir runs/demo
+  cosmos-jax train --config configs/demo.py:clip --workdir runs/demo_clip --config.total_steps=300
+  cosmos-jax train --config configs/merged30m_vitb16.py --workdir runs/m30 \\
+      --config.mesh.shape='(-1,8,1)' --config.model.dtype=bfloat16'''
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog='cosmos-jax', description='COSMOS vision-language pre-training in JAX/Flax.')
+      prog='cosmos-jax', description='COSMOS vision-language pre-training in JAX/Flax.',
+      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   p = sub.add_parser('train', help='train COSMOS (or the CLIP baseline) from a config',
-                     description='Resumes automatically from the latest checkpoint in --workdir. '
-                                 'Any config field can be overridden: --config.optim.lr=1e-3.')
+                     description='Trains to config.total_steps, evaluating eval.tasks every '
+                                 'eval.every_steps and at the end. Resumes automatically from the '
+                                 'latest checkpoint in --workdir. Any config field can be '
+                                 'overridden: --config.optim.lr=1e-3; an unknown field or a bad '
+                                 'value fails at once, naming it.',
+                     epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
-  p.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and the config')
+  p.add_argument('--workdir', required=True,
+                 help='a local or mounted directory: config.json, metrics.jsonl, tensorboard/, '
+                      'checkpoints/, eval/, plots/')
   p.set_defaults(func=_cmd_train, accepts_overrides=True)
 
   p = sub.add_parser(

@@ -131,3 +131,20 @@ def test_eval_retrieval_on_a_coco_layout(tmp_path, capsys):
   metrics = json.loads((out / 'results.json').read_text())['retrieval']['coco']
   assert 0 <= metrics['i2t_R@1'] <= 100 and metrics['num_images'] > 0
   assert list(out.glob('retrieval_coco*.png'))
+
+
+@pytest.mark.parametrize('argv,expected', [
+    ([], 'examples:'),
+    (['train'], 'merged30m_vitb16.py'),
+    (['eval'], 'retrieval:coco=/data/coco'),
+    (['demo'], '--compare'),
+    (['bench'], '--meshes'),
+    (['convert'], '--layout'),
+    (['data', 'convert'], 'ArrayRecord'),
+    (['similarity'], '--weights'),
+])
+def test_help_of_every_command(argv, expected, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv + ['--help'])
+  assert exit_info.value.code == 0
+  assert expected in capsys.readouterr().out
