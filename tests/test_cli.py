@@ -140,7 +140,7 @@ def test_eval_retrieval_on_a_coco_layout(tmp_path, capsys):
     (['demo'], '--compare'),
     (['bench'], '--meshes'),
     (['convert'], '--layout'),
-    (['data', 'convert'], 'ArrayRecord'),
+    (['data', 'convert'], 'a .csv/.tsv/.jsonl file'),
     (['similarity'], '--weights'),
 ])
 def test_help_of_every_command(argv, expected, capsys):
