@@ -139,14 +139,20 @@ def _value(results: dict, task: str, dataset: str, metric: str) -> Optional[floa
   return results.get(task, {}).get(dataset, {}).get(metric)
 
 
+def _cell(value: Optional[float]) -> str:
+  if value is None:
+    return ''
+  return f'{value:.1f}' if abs(value) >= 1 else f'{value:.2f}'
+
+
 def format_table(runs: list[DemoRun], chance: dict[str, float]) -> str:
   """A markdown table: one row per metric, one column per run, then chance level."""
   head = '| metric | ' + ' | '.join(r.name for r in runs) + ' | chance |'
   lines = [head, '|---|' + '---:|' * (len(runs) + 1)]
   for task, dataset, metric, label in TABLE_ROWS:
     values = [_value(r.results, task, dataset, metric) for r in runs]
-    cells = ['' if v is None else f'{v:.1f}' for v in values]
-    lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {chance.get(metric, float("nan")):.1f} |')
+    cells = [_cell(v) for v in values] + [_cell(chance.get(metric))]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
