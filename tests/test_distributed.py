@@ -231,7 +231,9 @@ DRIVER = textwrap.dedent('''
   cfg = models.get_variant('tiny')
   mesh = partition.make_mesh((8, 1, 1))
   data_sh = partition.batch_sharding(mesh)
-  tx, schedule = optim.make_optimizer(1e-3, 0.9, 0.98, 1e-8, 0.5, warmup_steps=1,
+  # Adam eps 1e-5 as in the mesh-equivalence test: with 1e-8, an element whose gradient is
+  # near zero turns the cross-process reduction-order noise (~1e-9) into a step of order lr.
+  tx, schedule = optim.make_optimizer(1e-3, 0.9, 0.98, 1e-5, 0.5, warmup_steps=1,
                                       total_steps=10)
   state, shardings = state_lib.create_state(cfg, tx, mesh, partition.resolve_rules('fsdp'),
                                             jax.random.key(0))
@@ -346,7 +348,10 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     if 'in_proj_bias' in name:  # the key bias has zero gradient: Adam amplifies float noise
       third = a.shape[0] // 3
       a, b = np.delete(a, np.s_[third:2 * third]), np.delete(b, np.s_[third:2 * third])
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
+    # 3e-5 is 1.5% of the two Adam steps (~2e-3 at lr 1e-3); Adam's sign-like first steps
+    # lift the reduction-order noise of a near-zero gradient to about 1e-5 in rare elements,
+    # while feeding any wrong rows would move parameters by the order of the steps themselves.
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-5, err_msg=name)
   # The updates are far above the tolerance (the EMA teacher trails the student).
   diff = max(float(np.max(np.abs(one[n] - one['teacher/' + n[len('params/'):]])))
              for n in names if n.startswith('params/'))
