@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,9 @@ class TextTransformer(nn.Module):
   Causal mask only, no padding mask: positions after EOT get ordinary states, and COSMOS's
   image-to-text cross-attention attends to them. ``ln_final`` runs on all positions; the
   pooled feature is the state at the EOT token (the largest id) times ``text_projection``.
+  ``token_stride=s`` returns tokens of rows 0, s, 2s, ... only (none for 0) and skips the
+  positions nothing reads in the last block (``Transformer``); the pooled features are the same.
+  ``scan``: see ``Transformer`` (for forwards that are differentiated).
   """
   config: TextConfig
   embed_dim: int
@@ -27,7 +30,9 @@ class TextTransformer(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, text: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, text: jax.Array, *,
+               token_stride: Optional[int] = None,
+               scan: bool = False) -> tuple[jax.Array, dict]:
     c = self.config
     if text.shape[-1] != c.context_length:
       raise ValueError(f'text has {text.shape[-1]} positions, the model expects {c.context_length}')
@@ -37,12 +42,19 @@ class TextTransformer(nn.Module):
     pos = self.param('positional_embedding', logical(normal(0.01), ('pos', 'embed')),
                      (c.context_length, c.width), jnp.float32)
     x = embed(text) + pos.astype(self.dtype)
-    x = Transformer(c.layers, c.heads, c.mlp_ratio, BlockInit.text_tower(c.width, c.layers),
-                    self.dtype, self.remat, name='transformer')(x, causal=True)
-    x = LayerNorm(name='ln_final')(x)
+    transformer = Transformer(c.layers, c.heads, c.mlp_ratio,
+                              BlockInit.text_tower(c.width, c.layers), self.dtype, self.remat,
+                              name='transformer')
+    ln_final = LayerNorm(name='ln_final')
+    eot = jnp.argmax(text, axis=-1)
+    if token_stride is None:
+      x = ln_final(transformer(x, causal=True, scan=scan))
+      pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    else:
+      x, pooled = transformer(x, causal=True, pool_index=eot, token_stride=token_stride,
+                              scan=scan)
+      x, pooled = ln_final(x), ln_final(pooled)
     x = constrain(x, ('batch', 'length', 'embed'))
     proj = self.param('text_projection', logical(normal(c.width ** -0.5), ('embed', 'proj')),
                       (c.width, self.embed_dim), jnp.float32)
-    eot = jnp.argmax(text, axis=-1)
-    pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     return jnp.dot(pooled, proj.astype(self.dtype)), {'tokens': x}

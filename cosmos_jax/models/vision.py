@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,9 @@ class VisionTransformer(nn.Module):
   Patch tokens are taken after ``ln_post`` and are not projected; other input sizes (the
   local crops) use positional embeddings resized exactly as the reference does.
   ``csa=True`` runs SCLIP's correlative self-attention in the last block (segmentation).
+  ``token_stride=s`` returns tokens of rows 0, s, 2s, ... only (none for 0) and skips the
+  positions nothing reads in the last block (``Transformer``); the pooled features are the same.
+  ``scan``: see ``Transformer`` (for forwards that are differentiated).
   """
   config: VisionConfig
   embed_dim: int
@@ -51,7 +54,9 @@ class VisionTransformer(nn.Module):
     if self.with_cross_pool:
       self.attn_cross_pool = AttentionalCrossPooler(c.attn_pooler_heads, dtype=self.dtype)
 
-  def __call__(self, images: jax.Array, *, csa: bool = False) -> tuple[jax.Array, dict]:
+  def __call__(self, images: jax.Array, *, csa: bool = False,
+               token_stride: Optional[int] = None,
+               scan: bool = False) -> tuple[jax.Array, dict]:
     x = self.conv1(images.astype(self.dtype))
     b, gh, gw, w = x.shape
     x = x.reshape(b, gh * gw, w)
@@ -59,10 +64,15 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, x], axis=1)
     x = x + resize_pos_embed(self.positional_embedding, (gh, gw)).astype(x.dtype)
     x = self.ln_pre(x)
-    x = self.transformer(x, csa_last=csa)
-    x = self.ln_post(x)
+    if token_stride is None:
+      x = self.ln_post(self.transformer(x, csa_last=csa, scan=scan))
+      cls = x[:, 0]
+    else:
+      x, cls = self.transformer(x, csa_last=csa, pool_index=jnp.zeros((b,), jnp.int32),
+                                token_stride=token_stride, scan=scan)
+      x, cls = self.ln_post(x), self.ln_post(cls)
     x = constrain(x, ('batch', 'length', 'embed'))
-    pooled = jnp.dot(x[:, 0], self.proj.astype(self.dtype))
+    pooled = jnp.dot(cls, self.proj.astype(self.dtype))
     return pooled, {'tokens': x[:, 1:], 'grid': (gh, gw)}
 
   def cross_pool(self, context: jax.Array, query: jax.Array) -> jax.Array:
