@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from cosmos_jax import hostenv
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
   import logging
@@ -299,5 +301,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The ``cosmos-jax`` program: huge pages for XLA:CPU's buffers (``hostenv``), then ``main``."""
+  hostenv.reexec_with_huge_pages(sys.argv[1:])
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cosmos_jax import config as config_lib
+from cosmos_jax import hostenv
 from cosmos_jax.bench import flops as flops_lib
 from cosmos_jax.bench import memory as memory_lib
 from cosmos_jax.bench.peak import matmul_peak
@@ -52,7 +53,8 @@ def machine_info() -> dict[str, Any]:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   return {'backend': jax.default_backend(), 'device_kind': devices[0].device_kind,
           'device_count': len(devices), 'process_count': jax.process_count(),
-          'cpu_model': cpu_model(), 'cpu_cores': cores, 'jax_version': jax.__version__}
+          'cpu_model': cpu_model(), 'cpu_cores': cores, 'jax_version': jax.__version__,
+          'host_huge_pages': hostenv.huge_pages_active()}
 
 
 def _peak(config: ml_collections.ConfigDict, mesh, repeats: int) -> dict[str, float]:
