@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence
 import jax
 import ml_collections
 
-from cosmos_jax.bench.build import abstract_inputs, build_step
+from cosmos_jax.bench.build import abstract_inputs
+from cosmos_jax.train.from_config import build_train_step
 from cosmos_jax.train import partition
 
 _FIELDS = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'output_size_in_bytes',
@@ -64,7 +65,7 @@ def compiled_memory(config: ml_collections.ConfigDict, shape: Sequence[int],
     batch_size = global_batch(config, shape, per_device_batch)
     row['global_batch'] = batch_size
     partition.check_batch_size(batch_size, mesh)
-    build = build_step(config, mesh)
+    build = build_train_step(config, mesh)
     state, batch = abstract_inputs(build, batch_size)
     with jax.set_mesh(mesh):
       stats = build.train_step.lower(state, batch).compile().memory_analysis()

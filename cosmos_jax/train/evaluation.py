@@ -14,7 +14,6 @@ import os
 import tempfile
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
@@ -22,6 +21,7 @@ from cosmos_jax.data.synthetic import SyntheticConfig
 from cosmos_jax.eval import report, run
 from cosmos_jax.models import ModelConfig
 from cosmos_jax.train import distributed
+from cosmos_jax.train.from_config import compute_dtype
 
 
 class InLoopEval:
@@ -34,7 +34,7 @@ class InLoopEval:
     self.trees = ('student', 'teacher') if e.which == 'both' else (e.which,)
     self.batch_size = e.batch_size
     self.model_config, self.workdir, self.mesh = model_config, workdir, mesh
-    self.dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+    self.dtype = compute_dtype(config)
     s = config.data.synthetic
     self.synthetic = SyntheticConfig(image_size=s.image_size, num_val=s.num_val)
 

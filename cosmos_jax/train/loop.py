@@ -18,17 +18,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from cosmos_jax import config as config_lib
-from cosmos_jax import models
 from cosmos_jax.data import pipeline
-from cosmos_jax.train import checkpoint, distributed, optim, partition, reporting
+from cosmos_jax.train import checkpoint, distributed, partition, reporting
 from cosmos_jax.train.evaluation import InLoopEval
-from cosmos_jax.train.from_config import model_config, open_train_source, pipeline_config
-from cosmos_jax.train import state as state_lib
-from cosmos_jax.train import step as step_lib
+from cosmos_jax.train.from_config import (build_train_step, model_config, open_train_source,
+                                          pipeline_config)
 
 
 HEADLINE_METRICS = ('R@1', 'top1', 'mIoU')   # printed after each evaluation
@@ -60,12 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = partition.make_mesh(config.mesh.shape)
   partition.check_batch_size(config.batch_size, mesh)
   evaluator = InLoopEval(config, mcfg, workdir, mesh)   # a missing dataset fails here
-  rules = config_lib.logical_rules(config)
-  tx, schedule = optim.optimizer_from_config(config.optim, config.total_steps)
-  distill = mcfg.cosmos
-  shardings = state_lib.state_shardings(mcfg, tx, mesh, rules, with_teacher=distill)
-  target = state_lib.abstract_state(shardings, mcfg, tx, with_teacher=distill)
-
+  build = build_train_step(config, mesh)
   source = open_train_source(config)
   data = pipeline.make_train_iterator(source, pipeline_config(config),
                                       shard_index=jax.process_index(),
@@ -74,25 +66,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  save_every_steps=config.checkpoint.every_steps,
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-  restored = ckpt.restore_or_none(target)
+  restored = ckpt.restore_or_none(build.abstract_state())
   if restored is not None:
     state, data_state, _ = restored
     if data_state is not None:
       data.set_state(data_state)
     logging.info('resumed from step %d', int(state['step']))
   else:
-    init = jax.jit(lambda key: state_lib.init_state(mcfg, tx, key, with_teacher=distill),
-                   out_shardings=shardings)
-    state = init(jax.random.key(config.seed))
+    state = build.init_state(config.seed)
 
-  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  model = models.CLIP(mcfg, dtype=dtype, remat=config.model.remat)
-  step_cfg = step_lib.StepConfig(distill=distill, ema_momentum=config.ema.momentum,
-                                 ema_schedule=config.ema.schedule, ema_final=config.ema.final,
-                                 total_steps=config.total_steps)
-  batch_sh = partition.batch_sharding(mesh)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, step_cfg),
-                                       shardings, batch_sh)
+  train_step, batch_sh = build.train_step, build.batch_sharding
   log = reporting.RunLog(workdir)
   log.write_config(config.to_dict())
   curves_png = os.path.join(workdir, 'plots', 'curves.png')
@@ -138,6 +121,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log.close()
     if log.enabled:
       reporting.plot_curves(log.jsonl_path, curves_png, title=f'{mcfg.name}, '
-                            f'{"COSMOS" if distill else "CLIP"}, batch {config.batch_size}')
+                            f'{"COSMOS" if mcfg.cosmos else "CLIP"}, batch {config.batch_size}')
   return {'step': step, 'status': status, 'metrics': last, 'evaluations': evaluations,
           'plots': curves_png if log.enabled else None}
