@@ -16,6 +16,12 @@ Conventions, stated so the number can be checked by hand:
     ViT-B/16 step);
   * the teacher runs forward only: its outputs are stop-gradient;
   * the token embedding is a gather, not a matmul, and counts nothing.
+
+``executed`` is what the step really multiplies: the towers' last block computes only the
+pooled position (CLS / EOT) of rows whose other positions nothing reads (every teacher row,
+the student's local crops, and every view but crop 1 and caption 1), with keys and values
+still over all positions. ``total`` counts those blocks in full, as the reference computes
+them; the bench's fraction of peak uses ``executed``, the conservative of the two.
 """
 
 from __future__ import annotations
@@ -52,6 +58,16 @@ def transformer(seqs: int, tokens: int, width: int, layers: int, mlp_ratio: floa
                + linear(rows, width, width)
                + linear(rows, width, hidden) + linear(rows, hidden, width))
   return layers * per_layer
+
+
+def pooled_only_saving(seqs: int, tokens: int, width: int, mlp_ratio: float) -> int:
+  """What the last block skips for ``seqs`` rows computed at one query position only."""
+  hidden = int(width * mlp_ratio)
+  full = transformer(seqs, tokens, width, 1, mlp_ratio)
+  one_query = (linear(seqs, width, width) + linear(seqs * tokens, width, 2 * width)
+               + attention_core(seqs, 1, tokens, width) + linear(seqs, width, width)
+               + linear(seqs, width, hidden) + linear(seqs, hidden, width))
+  return full - one_query
 
 
 def vision_tower(v: VisionConfig, embed_dim: int, images: int, size: int) -> int:
@@ -116,13 +132,30 @@ def teacher_forward(config: ModelConfig, s: StepShape) -> int:
           + text_tower(config.text, config.embed_dim, b))
 
 
+def pooled_only_savings(config: ModelConfig, s: StepShape) -> tuple[int, int]:
+  """(student forward, teacher forward) FLOPs the last-block shortcut skips."""
+  if not config.cosmos:   # the CLIP-only student reads every row's pooled state only, in full
+    return 0, 0
+  v, t, b = config.vision, config.text, s.batch
+  image = lambda rows, size: pooled_only_saving(rows, (size // v.patch_size) ** 2 + 1, v.width,
+                                                v.mlp_ratio)
+  text = lambda rows: pooled_only_saving(rows, t.context_length, t.width, t.mlp_ratio)
+  student = (image(b * (s.num_global - 1), s.global_size) + image(b * s.num_local, s.local_size)
+             + text(b * (s.num_captions - 1)))
+  teacher = image(b * s.num_global, s.global_size) + text(b * s.num_global)
+  return student, teacher
+
+
 def train_step_flops(config: ModelConfig, shape: StepShape) -> dict[str, int]:
-  """{'student_forward', 'student_backward', 'teacher_forward', 'total', 'by_part': {...}}."""
+  """{'student_forward', 'student_backward', 'teacher_forward', 'total', 'executed',
+  'by_part': {...}}."""
   parts = student_forward(config, shape)
   forward = sum(parts.values())
   teacher = teacher_forward(config, shape)
+  skip_student, skip_teacher = pooled_only_savings(config, shape)
   return {'student_forward': forward, 'student_backward': 2 * forward,
-          'teacher_forward': teacher, 'total': 3 * forward + teacher, 'by_part': parts}
+          'teacher_forward': teacher, 'total': 3 * forward + teacher,
+          'executed': 3 * (forward - skip_student) + teacher - skip_teacher, 'by_part': parts}
 
 
 def step_shape(config) -> StepShape:

@@ -105,6 +105,7 @@ def run(config: ml_collections.ConfigDict, out_path: Optional[str] = None, *, re
       'machine': machine_info(),
       'load_average': {'start': load_average()},
       'model_flops_per_step': step_flops['total'],
+      'executed_flops_per_step': step_flops['executed'],
       'flops': step_flops,
   }
   # Only the timed sections need the config's mesh to fit this machine.
@@ -118,7 +119,8 @@ def run(config: ml_collections.ConfigDict, out_path: Optional[str] = None, *, re
     row = results.pop('memory_row')
     if memory_lib.global_batch(config, row['mesh'], per_device_batch) == config.batch_size:
       known_memory[tuple(row['mesh'])] = row
-    results['achieved_flops_per_s'] = step_flops['total'] / results['train_step_s']
+    # What the step multiplies, not the reference's count: skipped work must not flatter it.
+    results['achieved_flops_per_s'] = step_flops['executed'] / results['train_step_s']
     if 'peak' not in skip:
       peaks.append(_peak(config, mesh, repeats))
   if peaks:

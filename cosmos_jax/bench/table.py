@@ -42,10 +42,12 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
   rows.append(('  student fwd / bwd, teacher fwd',
                f'{si(flops["student_forward"])} / {si(flops["student_backward"])}, '
                f'{si(flops["teacher_forward"])}'))
+  if r.get('executed_flops_per_step'):
+    rows.append(('  executed (last blocks pooled-only)', si(r['executed_flops_per_step'])))
   if r.get('xla_flops'):
     rows.append(("  XLA's count (incl. elementwise)", si(r['xla_flops'])))
   if 'achieved_flops_per_s' in r:
-    rows.append(('achieved FLOP/s', si(r['achieved_flops_per_s'])))
+    rows.append(('achieved FLOP/s (executed)', si(r['achieved_flops_per_s'])))
   for dtype, peak in r.get('peak_flops_per_s', {}).items():
     rows.append((f'matmul peak FLOP/s ({dtype})', si(peak)))
   if 'fraction_of_peak' in r:
