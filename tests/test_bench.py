@@ -182,6 +182,8 @@ def test_run_merges_the_official_step_and_the_speedup(monkeypatch, tmp_path):
   assert results['executed_flops_per_step'] < results['model_flops_per_step']
   assert results['achieved_flops_per_s'] == pytest.approx(achieved)
   assert results['fraction_of_peak'] == pytest.approx(achieved / 1e12)
+  assert results['official_fraction_of_peak'] == pytest.approx(
+      results['model_flops_per_step'] / 3.0 / 1e12)
   written = json.loads(out.read_text())
   assert written['machine']['device_count'] == jax.device_count() and written['date']
   table = bench.format_table(results)

@@ -143,6 +143,16 @@ def run(config: ml_collections.ConfigDict, out_path: Optional[str] = None, *, re
     results.update(_official(official_repo, config, repeats))
     if 'official_step_s' in results and 'train_step_s' in results:
       results['speedup_vs_official'] = results['official_step_s'] / results['train_step_s']
+    if 'official_step_s' in results and results.get('peak_flops_per_s'):
+      # The reference computes every block in full: its model FLOPs are all executed. Both
+      # steps against the same peak, and against torch's own matmul rate (the faster library
+      # on some CPUs), so neither figure flatters one side.
+      official = step_flops['total'] / results['official_step_s']
+      results['official_fraction_of_peak'] = official / results['peak_flops_per_s']['float32']
+      torch_peak = results.get('official_matmul_flops_per_s')
+      if torch_peak and 'achieved_flops_per_s' in results:
+        results['fraction_of_torch_peak'] = results['achieved_flops_per_s'] / torch_peak
+        results['official_fraction_of_torch_peak'] = official / torch_peak
   results['load_average']['end'] = load_average()
   if out_path:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

@@ -61,8 +61,15 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
              ('official samples/s', f'{r["official_samples_per_s"]:.2f}')]
     if 'speedup_vs_official' in r:
       rows.append(('speedup vs official', f'{r["speedup_vs_official"]:.2f} x'))
+    if 'official_fraction_of_peak' in r:
+      rows.append(('official fraction of float32 peak',
+                   f'{100 * r["official_fraction_of_peak"]:.1f} %'))
     if r.get('official_matmul_flops_per_s'):
       rows.append(('  torch matmul FLOP/s (float32)', si(r['official_matmul_flops_per_s'])))
+    if 'fraction_of_torch_peak' in r:
+      rows.append(('  ours / official, of the torch peak',
+                   f'{100 * r["fraction_of_torch_peak"]:.1f} % / '
+                   f'{100 * r["official_fraction_of_torch_peak"]:.1f} %'))
   if 'official_error' in r:
     rows.append(('official', f'error: {r["official_error"].splitlines()[0]}'))
   load = r.get('load_average') or {}
