@@ -302,8 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run() -> None:
-  """The ``cosmos-jax`` program: huge pages for XLA:CPU's buffers (``hostenv``), then ``main``."""
-  hostenv.reexec_with_huge_pages(sys.argv[1:])
+  """The ``cosmos-jax`` program: malloc settings for XLA:CPU's buffers (``hostenv``), then ``main``."""
+  hostenv.reexec_with_malloc_tuning(sys.argv[1:])
   sys.exit(main())
 
 

@@ -52,7 +52,7 @@ def time_official_step(repo: str, config: Any, repeats: int = 5) -> dict[str, An
      'official_threads', 'official_matmul_flops_per_s'} (the last: torch's float32
     2048 x 2048 ``torch.mm`` rate in the same process, the matmul peak it runs against).
   """
-  from cosmos_jax import models   # here, so the worker below never imports JAX
+  from cosmos_jax import hostenv, models   # here, so the worker below never imports JAX
 
   src = os.path.join(os.path.abspath(repo), 'src')
   if not os.path.isdir(os.path.join(src, 'open_clip')) or \
@@ -70,8 +70,11 @@ def time_official_step(repo: str, config: Any, repeats: int = 5) -> dict[str, An
       'momentum': float(config.ema.momentum), 'seed': int(config.seed),
       'repeats': int(repeats), 'threads': os.cpu_count() or 1,
   }
+  # The caller's environment, without the malloc tunables cosmos-jax set for itself: the
+  # official step runs as its own users run it.
   proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(spec),
-                        capture_output=True, text=True, cwd=os.path.dirname(src))
+                        capture_output=True, text=True, cwd=os.path.dirname(src),
+                        env=hostenv.caller_environment())
   lines = proc.stdout.strip().splitlines()
   if proc.returncode or not lines:
     raise RuntimeError(f'the official step failed (exit {proc.returncode}):\n'
