@@ -1,8 +1,11 @@
-"""The CLI re-executes itself once with glibc's malloc tunables (see cosmos_jax/hostenv.py)."""
+"""The CLI re-executes itself once with glibc's malloc tunables and the block cache
+(see cosmos_jax/hostenv.py and cosmos_jax/native/block_cache.c)."""
 
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -17,8 +20,9 @@ def linux_glibc_with_thp(monkeypatch):
   monkeypatch.setattr(hostenv.sys, 'platform', 'linux')
   monkeypatch.setattr(hostenv, '_glibc_version', lambda: (2, 36))
   monkeypatch.setattr(hostenv, '_thp_available', lambda: True)
-  for name in ('GLIBC_TUNABLES', hostenv.OPT_OUT, hostenv.ORIGINAL):
+  for name in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT, *hostenv.CALLER_VARS.values()):
     monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(hostenv, 'block_cache_library', lambda: '/cache/block_cache-0.so')
 
 
 class Execve(Exception):
@@ -44,7 +48,19 @@ def test_reexec_runs_the_cli_again_with_the_tunables_added(linux_glibc_with_thp,
   assert path == sys.executable
   assert argv == [sys.executable, '-m', 'cosmos_jax.cli', 'bench', '--config', 'configs/demo.py']
   assert env['GLIBC_TUNABLES'] == ':'.join(['glibc.malloc.arena_max=4'] + ALL)
-  assert env[hostenv.ORIGINAL] == 'glibc.malloc.arena_max=4'
+  assert env['LD_PRELOAD'] == '/cache/block_cache-0.so'
+  assert env['COSMOS_JAX_CALLER_GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=4'
+  assert env['COSMOS_JAX_CALLER_LD_PRELOAD'] == ''
+
+
+def test_the_block_cache_goes_first_and_is_left_out_without_a_compiler(linux_glibc_with_thp,
+                                                                        monkeypatch):
+  monkeypatch.setenv('LD_PRELOAD', 'libother.so')
+  _, _, env = reexec(monkeypatch)
+  assert env['LD_PRELOAD'] == '/cache/block_cache-0.so:libother.so'
+  monkeypatch.setattr(hostenv, 'block_cache_library', lambda: None)
+  _, _, env = reexec(monkeypatch)
+  assert env['LD_PRELOAD'] == 'libother.so'
 
 
 def test_a_tunable_the_caller_set_is_kept(linux_glibc_with_thp, monkeypatch):
@@ -58,14 +74,13 @@ def test_no_huge_pages_where_the_kernel_disables_them(linux_glibc_with_thp, monk
   monkeypatch.setattr(hostenv, '_thp_available', lambda: False)
   _, _, env = reexec(monkeypatch)
   assert env['GLIBC_TUNABLES'] == ':'.join(ALL[:2])
-  assert env[hostenv.ORIGINAL] == ''
 
 
-@pytest.mark.parametrize('case', ['already_set', 'opted_out', 'old_glibc', 'musl', 'macos'])
+@pytest.mark.parametrize('case', ['reexecuted', 'opted_out', 'old_glibc', 'musl', 'macos'])
 def test_no_reexec_where_it_does_not_apply(case, linux_glibc_with_thp, monkeypatch):
   capture_execve(monkeypatch)
-  if case == 'already_set':
-    monkeypatch.setenv('GLIBC_TUNABLES', ':'.join(ALL))
+  if case == 'reexecuted':
+    monkeypatch.setenv('COSMOS_JAX_CALLER_GLIBC_TUNABLES', '')
   elif case == 'opted_out':
     monkeypatch.setenv(hostenv.OPT_OUT, '1')
   elif case == 'old_glibc':
@@ -77,15 +92,17 @@ def test_no_reexec_where_it_does_not_apply(case, linux_glibc_with_thp, monkeypat
   hostenv.reexec_with_malloc_tuning(['variants'])   # returns instead of replacing the process
 
 
-@pytest.mark.parametrize('caller', ['', 'glibc.malloc.arena_max=4'])
+@pytest.mark.parametrize('caller', [{}, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4',
+                                     'LD_PRELOAD': 'libother.so'}])
 def test_caller_environment_undoes_the_reexec(caller, linux_glibc_with_thp, monkeypatch):
-  if caller:
-    monkeypatch.setenv('GLIBC_TUNABLES', caller)
+  for name, value in caller.items():
+    monkeypatch.setenv(name, value)
   _, _, env = reexec(monkeypatch)
   monkeypatch.setattr(hostenv.os, 'environ', env)
   restored = hostenv.caller_environment()
-  assert restored.get('GLIBC_TUNABLES') == (caller or None)
-  assert hostenv.ORIGINAL not in restored
+  for name in ('GLIBC_TUNABLES', 'LD_PRELOAD'):
+    assert restored.get(name) == caller.get(name)
+  assert not set(hostenv.CALLER_VARS.values()) & set(restored)
 
 
 def test_thp_setting_is_read_from_the_kernel_file(tmp_path, monkeypatch):
@@ -98,16 +115,124 @@ def test_thp_setting_is_read_from_the_kernel_file(tmp_path, monkeypatch):
   assert not hostenv._thp_available()
 
 
-def test_the_program_reexecutes_once_and_runs():
+def test_the_program_reexecutes_once_and_runs(tmp_path):
   env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', hostenv.OPT_OUT, hostenv.ORIGINAL)}
+         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT,
+                      *hostenv.CALLER_VARS.values())}
+  env['XDG_CACHE_HOME'] = str(tmp_path)
   code = ('import os, sys; sys.argv = ["cosmos-jax", "variants"]; '
-          'print("TUNABLES", os.environ.get("GLIBC_TUNABLES")); '
-          'from cosmos_jax import cli; cli.run()')
+          'print("PARENT"); from cosmos_jax import cli; cli.run()')
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
   assert 'ViT-B-16' in out.stdout and out.stdout.count('ViT-B-16') == 1
-  if hostenv._glibc_version() >= (2, 35):
-    # The child prints nothing of the -c code; the parent printed before the exec.
-    assert out.stdout.count('TUNABLES') == 1
+  assert out.stdout.count('PARENT') == 1   # the child runs the CLI module, not the -c code
+  if hostenv._glibc_version() >= (2, 35) and shutil.which('cc'):
+    assert list((tmp_path / 'cosmos_jax').glob('block_cache-*.so'))
+
+
+# --- the block cache itself, preloaded into a real interpreter -------------------------------
+
+@pytest.fixture(scope='module')
+def block_cache(tmp_path_factory):
+  if not sys.platform.startswith('linux') or not hostenv._glibc_version():
+    pytest.skip('the block cache is for glibc on Linux')
+  if not shutil.which('cc'):
+    pytest.skip('no C compiler')
+  cache = tmp_path_factory.mktemp('cache')
+  old = os.environ.get('XDG_CACHE_HOME')
+  os.environ['XDG_CACHE_HOME'] = str(cache)
+  try:
+    library = hostenv.block_cache_library()
+  finally:
+    if old is None:
+      os.environ.pop('XDG_CACHE_HOME')
+    else:
+      os.environ['XDG_CACHE_HOME'] = old
+  assert library and library.startswith(str(cache))
+  return library
+
+
+def run_preloaded(library, code):
+  env = dict(os.environ, LD_PRELOAD=library or '')
+  prelude = textwrap.dedent("""
+      import ctypes, threading
+      libc = ctypes.CDLL(None)
+      libc.malloc.restype = libc.calloc.restype = libc.realloc.restype = ctypes.c_void_p
+      libc.malloc.argtypes = [ctypes.c_size_t]
+      libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+      libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+      libc.free.argtypes = [ctypes.c_void_p]
+      libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+      libc.malloc_usable_size.restype = ctypes.c_size_t
+      libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+                                      ctypes.c_size_t]
+      MB = 1 << 20
+      def memalign(align, size):
+        out = ctypes.c_void_p()
+        assert libc.posix_memalign(ctypes.byref(out), align, size) == 0
+        return out.value
+      """)
+  out = subprocess.run([sys.executable, '-c', prelude + textwrap.dedent(code)], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  return out.stdout
+
+
+REUSE = """
+      a = memalign(64, 100 * MB)             # XLA's temporaries: one aligned block per step
+      ctypes.memset(a, 7, 100 * MB)
+      libc.free(a)
+      b = memalign(64, 95 * MB)              # the next step: at most 1/8 smaller
+      assert b == a and b % 64 == 0, (a, b)
+      assert ctypes.string_at(b, 4) == bytes([7] * 4)   # not a fresh (zeroed) mapping
+      assert libc.malloc_usable_size(b) >= 100 * MB
+      c = libc.malloc(100 * MB)              # the block is taken: a fresh one
+      assert c != b
+      libc.free(c)
+      d = libc.malloc(70 * MB)               # more than 1/8 smaller than every kept block
+      assert d not in (b, c)
+      e = libc.realloc(b, 300 * MB)          # glibc's own chunk: realloc keeps the contents
+      assert ctypes.string_at(e + 100 * MB - 4, 4) == bytes([7] * 4)
+      libc.free(e); libc.free(d)
+      small = libc.malloc(1000)
+      libc.free(small)
+      assert libc.malloc(1000) == small      # small blocks are glibc's business as before
+      """
+
+
+def test_a_freed_large_block_is_handed_back_for_the_next_step(block_cache):
+  run_preloaded(block_cache, REUSE)
+
+
+def test_without_the_block_cache_glibc_maps_a_fresh_block(block_cache):
+  with pytest.raises(AssertionError, match='in <module>'):   # the child's assertion
+    run_preloaded(None, REUSE)
+
+
+def test_calloc_never_gets_a_kept_block(block_cache):
+  run_preloaded(block_cache, """
+      a = libc.malloc(80 * MB)
+      ctypes.memset(a, 255, 80 * MB)
+      libc.free(a)
+      z = libc.calloc(1, 80 * MB)
+      assert z != a
+      assert ctypes.string_at(z, 80 * MB).count(0) == 80 * MB
+      """)
+
+
+def test_threads_allocating_large_blocks_concurrently(block_cache):
+  print(run_preloaded(block_cache, """
+      def work(i):
+        for _ in range(50):
+          blocks = [libc.malloc((64 + 8 * i + k) * MB) for k in range(3)]
+          for b in blocks:
+            ctypes.memset(b, i, 4096)
+            assert ctypes.string_at(b, 1) == bytes([i])
+          for b in blocks:
+            libc.free(b)
+      threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+      for t in threads: t.start()
+      for t in threads: t.join()
+      print('ok')
+      """))

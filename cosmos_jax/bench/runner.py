@@ -55,7 +55,8 @@ def machine_info() -> dict[str, Any]:
           'device_count': len(devices), 'process_count': jax.process_count(),
           'cpu_model': cpu_model(), 'cpu_cores': cores, 'jax_version': jax.__version__,
           'host_huge_pages': hostenv.huge_pages_active(),
-          'host_malloc_arenas_kept': hostenv.arena_tuning_active()}
+          'host_malloc_arenas_kept': hostenv.arena_tuning_active(),
+          'host_block_cache': hostenv.block_cache_active()}
 
 
 def _peak(config: ml_collections.ConfigDict, mesh, repeats: int) -> dict[str, float]:

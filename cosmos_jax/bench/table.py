@@ -25,6 +25,7 @@ def _header(r: dict[str, Any]) -> str:
   if m.get('backend') == 'cpu':
     cpu += ', huge pages' if m.get('host_huge_pages') else ', 4 KiB pages'
     cpu += ', malloc arenas kept' if m.get('host_malloc_arenas_kept') else ''
+    cpu += ', block cache' if m.get('host_block_cache') else ''
   mesh = ','.join(str(s) for s in c['mesh'])
   return (f'{c["variant"]} ({kind}), batch {c["batch_size"]}, crops {crops}, '
           f'{c["num_captions"]} captions, {c["dtype"]}{", remat" if c["remat"] else ""}, '
