@@ -302,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run() -> None:
-  """The ``cosmos-jax`` program: malloc settings for XLA:CPU's buffers (``hostenv``), then ``main``."""
+  """The ``cosmos-jax`` program: malloc settings for XLA:CPU (``hostenv``), then ``main``."""
   hostenv.reexec_with_malloc_tuning(sys.argv[1:])
   sys.exit(main())
 

@@ -140,15 +140,9 @@ def block_cache(tmp_path_factory):
   if not shutil.which('cc'):
     pytest.skip('no C compiler')
   cache = tmp_path_factory.mktemp('cache')
-  old = os.environ.get('XDG_CACHE_HOME')
-  os.environ['XDG_CACHE_HOME'] = str(cache)
-  try:
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('XDG_CACHE_HOME', str(cache))
     library = hostenv.block_cache_library()
-  finally:
-    if old is None:
-      os.environ.pop('XDG_CACHE_HOME')
-    else:
-      os.environ['XDG_CACHE_HOME'] = old
   assert library and library.startswith(str(cache))
   return library
 
@@ -218,6 +212,17 @@ def test_calloc_never_gets_a_kept_block(block_cache):
       z = libc.calloc(1, 80 * MB)
       assert z != a
       assert ctypes.string_at(z, 80 * MB).count(0) == 80 * MB
+      """)
+
+
+def test_an_invalid_alignment_is_still_rejected_while_a_block_is_kept(block_cache):
+  run_preloaded(block_cache, """
+      a = memalign(64, 100 * MB)
+      libc.free(a)                            # kept
+      out = ctypes.c_void_p()
+      assert a & (a - 1)                      # a itself: an alignment the kept block meets,
+      assert libc.posix_memalign(ctypes.byref(out), a, 100 * MB) == 22   # but invalid: EINVAL
+      assert memalign(64, 100 * MB) == a
       """)
 
 

@@ -47,10 +47,11 @@ static void resolve(void) {
   pthread_atfork(NULL, NULL, reset_lock_in_child);
 }
 
-/* A kept block for `size` bytes at `align`, or NULL. */
+/* A kept block for `size` bytes at `align`, or NULL (also for an invalid alignment, which
+ * glibc then rejects as it should). */
 static void *take(size_t size, size_t align) {
   void *block = NULL;
-  if (size < MIN_BYTES) return NULL;
+  if (size < MIN_BYTES || align == 0 || (align & (align - 1))) return NULL;
   pthread_mutex_lock(&lock);
   for (int i = 0; i < SLOTS; i++) {
     if (kept[i] && kept_size[i] >= size && kept_size[i] - size <= size / 8 &&
