@@ -59,25 +59,26 @@ class CLIP(nn.Module):
 
   def encode_image(self, images: jax.Array, *, normalize: bool = True, csa: bool = False,
                    token_stride: Optional[int] = None,
-                   scan: bool = False) -> tuple[jax.Array, dict]:
+                   differentiated: bool = False) -> tuple[jax.Array, dict]:
     """(B, H, W, 3) -> features (B, E) float32, {'tokens': post-ln_post patch tokens}.
 
-    ``token_stride``: tokens of images 0, s, 2s, ... only (0: none); ``scan``: for a forward
-    that is differentiated. See ``Transformer``.
+    ``token_stride``: tokens of images 0, s, 2s, ... only (0: none); ``differentiated``: the
+    forward is differentiated (the student's). See ``Transformer``.
     """
-    pooled, aux = self.visual(images, csa=csa, token_stride=token_stride, scan=scan)
+    pooled, aux = self.visual(images, csa=csa, token_stride=token_stride,
+                              differentiated=differentiated)
     pooled = pooled.astype(jnp.float32)
     return (l2_normalize(pooled) if normalize else pooled), aux
 
   def encode_text(self, text: jax.Array, *, normalize: bool = True,
                   token_stride: Optional[int] = None,
-                  scan: bool = False) -> tuple[jax.Array, dict]:
+                  differentiated: bool = False) -> tuple[jax.Array, dict]:
     """(B, C) token ids -> features (B, E) float32, {'tokens': all C post-ln_final states}.
 
-    ``token_stride``: tokens of rows 0, s, 2s, ... only (0: none); ``scan``: for a forward
-    that is differentiated. See ``Transformer``.
+    ``token_stride``: tokens of rows 0, s, 2s, ... only (0: none); ``differentiated``: the
+    forward is differentiated (the student's). See ``Transformer``.
     """
-    pooled, aux = self.text(text, token_stride=token_stride, scan=scan)
+    pooled, aux = self.text(text, token_stride=token_stride, differentiated=differentiated)
     pooled = pooled.astype(jnp.float32)
     return (l2_normalize(pooled) if normalize else pooled), aux
 
@@ -104,23 +105,25 @@ class CLIP(nn.Module):
     if not self.config.cosmos:
       # The CLIP-only baseline: L_CLIP reads the global crops only, so the local crops
       # (which feed the cross poolers alone) are not encoded.
-      image_features, _ = self.encode_image(_flatten_views(global_crops), scan=True)
-      text_features, _ = self.encode_text(_flatten_views(texts), scan=True)
+      image_features, _ = self.encode_image(_flatten_views(global_crops), differentiated=True)
+      text_features, _ = self.encode_text(_flatten_views(texts), differentiated=True)
       return {'image_features': _views_by_sample(image_features, b).astype(jnp.float32),
               'text_features': _views_by_sample(text_features, b).astype(jnp.float32),
               'logit_scale': self.logit_scale}
     # Only global crop 1's and caption 1's tokens are read: token_stride keeps every position
     # of view 0 of each sample, and the last blocks skip the positions nothing reads.
     pooled, aux = self.visual(_flatten_views(global_crops), token_stride=n_global,
-                              scan=True)
+                              differentiated=True)
     image_features = [_views_by_sample(pooled, b)]
     crop1_tokens = aux['tokens']
     if local_crops is not None and local_crops.shape[1]:
-      local_pooled, _ = self.visual(_flatten_views(local_crops), token_stride=0, scan=True)
+      local_pooled, _ = self.visual(_flatten_views(local_crops), token_stride=0,
+                                    differentiated=True)
       image_features.append(_views_by_sample(local_pooled, b))
     z_img = jnp.concatenate(image_features).astype(jnp.float32)        # (Vi, B, E)
 
-    pooled, aux = self.text(_flatten_views(texts), token_stride=texts.shape[1], scan=True)
+    pooled, aux = self.text(_flatten_views(texts), token_stride=texts.shape[1],
+                            differentiated=True)
     z_txt = _views_by_sample(pooled, b).astype(jnp.float32)            # (Vt, B, E)
     caption1_tokens = aux['tokens']
 

@@ -203,19 +203,46 @@ class ResidualAttentionBlock(nn.Module):
     return x + mlp(LayerNorm(name='ln_2')(x))
 
 
-# With ``scan=True`` (the student, whose backward runs), stacks this deep run their blocks (all
-# but the last) as a lax.scan over parameters stacked on the fly. Unrolled, XLA:CPU fuses the
-# backward's residual-stream sum (every later block's LayerNorm gradient) into each block's
-# consumers, work quadratic in depth (ViT-B/16: ~25% of the step); the loop materialises it
-# once per block. Forward-only passes (teacher, evaluation) gain nothing from it and are
-# unrolled. Parameter names and values are those of the unrolled stack.
-SCAN_MIN_LAYERS = 4
+# XLA:CPU and deep differentiated stacks. Left alone, the backward's residual-stream cotangent
+# (a running sum over every later block's LayerNorm and input-projection gradients) is fused,
+# not stored, into each block's consumers: work quadratic in depth (ViT-B/16: ~25% of the
+# step). On one CPU device the differentiated forwards (``differentiated=True``, the student)
+# therefore store that cotangent between blocks; with ``remat`` they run the blocks as a
+# lax.scan instead, the one form in which XLA:CPU keeps remat's recomputation (unrolled, it
+# merges it with the forward again and nothing is saved). Forward-only passes gain nothing.
 
 
-def scan_blocks_here() -> bool:
+def cpu_stack_workarounds_here() -> bool:
   """Only on a single CPU device: the fusion problem is XLA:CPU's, and on several host devices
-  its collectives inside the loop starve the thread pool shared by the devices (deadlock)."""
+  the scan's collectives starve the thread pool the devices share (deadlock)."""
   return jax.default_backend() == 'cpu' and jax.device_count() == 1
+
+
+def _one_trip_copy(x: jax.Array) -> jax.Array:
+  """x, passed through a while loop of one trip that XLA cannot count at compile time.
+
+  A loop's operands and results are whole buffers, so nothing is fused across it: the fusion
+  barrier XLA:CPU honours (it expands ``optimization_barrier`` before fusing). The trip count
+  is 2 when x's first element is NaN, with the same result.
+  """
+  trips = 1 + jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
+
+  def body(carry):
+    i, y = carry
+    # A float product by a loop-dependent 1: XLA cannot fold it, so y is not loop-invariant
+    # (an invariant carry would be forwarded past the loop, barrier and all).
+    return i + 1, y * (1 + 0 * i.astype(y.dtype))
+
+  return jax.lax.while_loop(lambda carry: carry[0] < trips, body, (jnp.int32(0), x))[1]
+
+
+@jax.custom_vjp
+def store_cotangent(x: jax.Array) -> jax.Array:
+  """Identity whose backward stores the cotangent whole (``_one_trip_copy``)."""
+  return x
+
+
+store_cotangent.defvjp(lambda x: (x, None), lambda _, g: (_one_trip_copy(g),))
 
 
 class Transformer(nn.Module):
@@ -238,15 +265,20 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, causal: bool = False, csa_last: bool = False,
                pool_index: Optional[jax.Array] = None, token_stride: int = 0,
-               scan: bool = False):
+               differentiated: bool = False):
     block_cls = nn.remat(ResidualAttentionBlock, static_argnums=(2, 3)) if self.remat \
         else ResidualAttentionBlock
     blocks = [block_cls(self.num_heads, self.mlp_ratio, self.init, self.dtype,
                         name=f'resblocks_{i}') for i in range(self.layers)]
     n_body = self.layers - 1
-    if (scan and n_body >= SCAN_MIN_LAYERS and not self.is_initializing()
-        and scan_blocks_here()):
+    workaround = (differentiated and not self.is_initializing()
+                  and cpu_stack_workarounds_here())
+    if workaround and self.remat and n_body > 1:
       x = self._scan(blocks[:n_body], x, causal)
+    elif workaround:
+      for block in blocks[:n_body]:
+        x = block(store_cotangent(x), causal, False)
+      x = store_cotangent(x)
     else:
       for block in blocks[:n_body]:
         x = block(x, causal, False)
@@ -273,12 +305,7 @@ class Transformer(nn.Module):
     def body(x, params):
       return template.apply({'params': params}, x, causal), None
 
-    # The loop stacks whatever the backward keeps from each block. Keeping only the outputs
-    # of the weight matmuls (LayerNorm, GELU, softmax and the attention products recomputed
-    # in the backward) roughly halves that memory at ~2% more FLOPs, and wins on CPU time;
-    # remat keeps only the block inputs.
-    policy = None if self.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    x, _ = jax.lax.scan(jax.checkpoint(body, policy=policy), x, stacked)
+    x, _ = jax.lax.scan(jax.checkpoint(body), x, stacked)
     return x
 
 

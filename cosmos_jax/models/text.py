@@ -22,7 +22,7 @@ class TextTransformer(nn.Module):
   pooled feature is the state at the EOT token (the largest id) times ``text_projection``.
   ``token_stride=s`` returns tokens of rows 0, s, 2s, ... only (none for 0) and skips the
   positions nothing reads in the last block (``Transformer``); the pooled features are the same.
-  ``scan``: see ``Transformer`` (for forwards that are differentiated).
+  ``differentiated``: the forward is differentiated (the student's); see ``Transformer``.
   """
   config: TextConfig
   embed_dim: int
@@ -32,7 +32,7 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, text: jax.Array, *,
                token_stride: Optional[int] = None,
-               scan: bool = False) -> tuple[jax.Array, dict]:
+               differentiated: bool = False) -> tuple[jax.Array, dict]:
     c = self.config
     if text.shape[-1] != c.context_length:
       raise ValueError(f'text has {text.shape[-1]} positions, the model expects {c.context_length}')
@@ -48,11 +48,11 @@ class TextTransformer(nn.Module):
     ln_final = LayerNorm(name='ln_final')
     eot = jnp.argmax(text, axis=-1)
     if token_stride is None:
-      x = ln_final(transformer(x, causal=True, scan=scan))
+      x = ln_final(transformer(x, causal=True, differentiated=differentiated))
       pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     else:
       x, pooled = transformer(x, causal=True, pool_index=eot, token_stride=token_stride,
-                              scan=scan)
+                              differentiated=differentiated)
       x, pooled = ln_final(x), ln_final(pooled)
     x = constrain(x, ('batch', 'length', 'embed'))
     proj = self.param('text_projection', logical(normal(c.width ** -0.5), ('embed', 'proj')),

@@ -24,7 +24,7 @@ class VisionTransformer(nn.Module):
   ``csa=True`` runs SCLIP's correlative self-attention in the last block (segmentation).
   ``token_stride=s`` returns tokens of rows 0, s, 2s, ... only (none for 0) and skips the
   positions nothing reads in the last block (``Transformer``); the pooled features are the same.
-  ``scan``: see ``Transformer`` (for forwards that are differentiated).
+  ``differentiated``: the forward is differentiated (the student's); see ``Transformer``.
   """
   config: VisionConfig
   embed_dim: int
@@ -56,7 +56,7 @@ class VisionTransformer(nn.Module):
 
   def __call__(self, images: jax.Array, *, csa: bool = False,
                token_stride: Optional[int] = None,
-               scan: bool = False) -> tuple[jax.Array, dict]:
+               differentiated: bool = False) -> tuple[jax.Array, dict]:
     x = self.conv1(images.astype(self.dtype))
     b, gh, gw, w = x.shape
     x = x.reshape(b, gh * gw, w)
@@ -65,11 +65,11 @@ class VisionTransformer(nn.Module):
     x = x + resize_pos_embed(self.positional_embedding, (gh, gw)).astype(x.dtype)
     x = self.ln_pre(x)
     if token_stride is None:
-      x = self.ln_post(self.transformer(x, csa_last=csa, scan=scan))
+      x = self.ln_post(self.transformer(x, csa_last=csa, differentiated=differentiated))
       cls = x[:, 0]
     else:
       x, cls = self.transformer(x, csa_last=csa, pool_index=jnp.zeros((b,), jnp.int32),
-                                token_stride=token_stride, scan=scan)
+                                token_stride=token_stride, differentiated=differentiated)
       x, cls = self.ln_post(x), self.ln_post(cls)
     x = constrain(x, ('batch', 'length', 'embed'))
     pooled = jnp.dot(cls, self.proj.astype(self.dtype))
