@@ -113,6 +113,7 @@ def test_the_one_trip_copy_is_exact(dtype):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(value, np.float32))
     assert np.array_equal(np.signbit(np.asarray(out, np.float32)),
                           np.signbit(np.asarray(value, np.float32)))
+  assert jax.jit(layers._one_trip_copy)(jnp.zeros((0, 3), dtype)).shape == (0, 3)
   g = jax.grad(lambda v: jnp.sum(jnp.sin(layers.store_cotangent(v))))(jnp.arange(4.0))
   np.testing.assert_allclose(g, np.cos(np.arange(4.0)), rtol=1e-6)
 

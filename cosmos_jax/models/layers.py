@@ -225,6 +225,8 @@ def _one_trip_copy(x: jax.Array) -> jax.Array:
   barrier XLA:CPU honours (it expands ``optimization_barrier`` before fusing). The trip count
   is 2 when x's first element is NaN, with the same result.
   """
+  if not x.size:
+    return x
   trips = 1 + jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
 
   def body(carry):
