@@ -213,8 +213,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 def cpu_stack_workarounds_here() -> bool:
-  """Only on a single CPU device: the fusion problem is XLA:CPU's, and on several host devices
-  the scan's collectives starve the thread pool the devices share (deadlock)."""
+  """Only on a single CPU device: the fusion problem is XLA:CPU's. On several host devices the
+  scan's collectives starve the thread pool the devices share (deadlock), and the stored
+  cotangent's trip count (its first element) would take a collective of its own."""
   return jax.default_backend() == 'cpu' and jax.device_count() == 1
 
 
@@ -277,13 +278,11 @@ class Transformer(nn.Module):
                   and cpu_stack_workarounds_here())
     if workaround and self.remat and n_body > 1:
       x = self._scan(blocks[:n_body], x, causal)
-    elif workaround:
-      for block in blocks[:n_body]:
-        x = block(store_cotangent(x), causal, False)
-      x = store_cotangent(x)
     else:
+      keep = store_cotangent if workaround else (lambda t: t)
       for block in blocks[:n_body]:
-        x = block(x, causal, False)
+        x = block(keep(x), causal, False)
+      x = keep(x)
     last = blocks[-1]
     if pool_index is None:
       return last(x, causal, csa_last)
