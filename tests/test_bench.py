@@ -182,12 +182,16 @@ def test_run_merges_the_official_step_and_the_speedup(monkeypatch, tmp_path):
   assert results['executed_flops_per_step'] < results['model_flops_per_step']
   assert results['achieved_flops_per_s'] == pytest.approx(achieved)
   assert results['fraction_of_peak'] == pytest.approx(achieved / 1e12)
+  # MFU: the model's count, the numerator the official step's fraction uses too.
+  assert results['model_fraction_of_peak'] == pytest.approx(
+      results['model_flops_per_step'] / 1.5 / 1e12)
   assert results['official_fraction_of_peak'] == pytest.approx(
       results['model_flops_per_step'] / 3.0 / 1e12)
   written = json.loads(out.read_text())
   assert written['machine']['device_count'] == jax.device_count() and written['date']
   table = bench.format_table(results)
   assert 'speedup vs official' in table and '2.00 x' in table and 'fraction of' in table
+  assert 'model FLOPs (MFU)' in table
 
 
 def test_run_rejects_unknown_sections_and_missing_official_checkout(tmp_path):

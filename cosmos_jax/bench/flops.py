@@ -21,7 +21,8 @@ Conventions, stated so the number can be checked by hand:
 pooled position (CLS / EOT) of rows whose other positions nothing reads (every teacher row,
 the student's local crops, and every view but crop 1 and caption 1), with keys and values
 still over all positions. ``total`` counts those blocks in full, as the reference computes
-them; the bench's fraction of peak uses ``executed``, the conservative of the two.
+them; the bench reports the fraction of peak of both (``executed``: the hardware's; ``total``:
+MFU's model FLOPs, the numerator the official step's fraction uses).
 """
 
 from __future__ import annotations

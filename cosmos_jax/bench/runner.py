@@ -129,8 +129,11 @@ def run(config: ml_collections.ConfigDict, out_path: Optional[str] = None, *, re
     # The higher of the two: a load spike during one measurement must not flatter the ratio.
     results['peak_flops_per_s'] = {k: max(p[k] for p in peaks) for k in peaks[0]}
     if 'achieved_flops_per_s' in results:
-      results['fraction_of_peak'] = (results['achieved_flops_per_s']
-                                     / results['peak_flops_per_s'][config.model.dtype])
+      peak = results['peak_flops_per_s'][config.model.dtype]
+      results['fraction_of_peak'] = results['achieved_flops_per_s'] / peak
+      # MFU's convention: the model's FLOPs (as the reference computes them) over the step
+      # time, the same numerator as the official step's fraction below.
+      results['model_fraction_of_peak'] = step_flops['total'] / results['train_step_s'] / peak
   if 'memory' not in skip:
     rows = memory_lib.memory_table(config, meshes or [tuple(config.mesh.shape)],
                                    per_device_batch=per_device_batch, known=known_memory)
