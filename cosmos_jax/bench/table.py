@@ -55,7 +55,8 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
   if 'fraction_of_peak' in r:
     rows.append((f'fraction of {r["config"]["dtype"]} peak', f'{100 * r["fraction_of_peak"]:.1f} %'))
   if 'model_fraction_of_peak' in r:
-    rows.append(('  of it, model FLOPs (MFU)', f'{100 * r["model_fraction_of_peak"]:.1f} %'))
+    rows.append(('  the same, over model FLOPs (MFU)',
+                 f'{100 * r["model_fraction_of_peak"]:.1f} %'))
   if 'data_samples_per_s' in r:
     rows.append(('data pipeline samples/s', f'{r["data_samples_per_s"]:.1f}'))
   if 'eval_images_per_s' in r:
