@@ -29,6 +29,17 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1 + jax.lax.erf(x * np.float32(math.sqrt(0.5))))
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (..., D) @ kernel (D, F) as one 2D product over the flattened leading axes.
+
+  With the leading axes kept, the backward's kernel gradient contracts two axes at once, and
+  XLA:CPU then transposes the whole output gradient before the product (ViT-B/16: ~4% of the
+  train step, tiny: ~8%). Flattened, it is a plain (D, N) x (N, F) product.
+  """
+  lead = x.shape[:-1]
+  return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(lead + kernel.shape[-1:])
+
+
 def logical(init: Initializer, names: tuple[Optional[str], ...]) -> Initializer:
   """Attaches logical axis names (mapped to mesh axes by the config's rules table)."""
   return nn.with_logical_partitioning(init, names)
@@ -96,7 +107,7 @@ class Linear(nn.Module):
                         (fan_in, self.features), jnp.float32)
     bias = self.param('bias', logical(self.bias_init or torch_linear_bias(fan_in),
                                       (self.kernel_axes[1],)), (self.features,), jnp.float32)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
 
@@ -127,11 +138,11 @@ class MultiheadAttention(nn.Module):
     w, b = w.astype(self.dtype), b.astype(self.dtype)
     x = x.astype(self.dtype)
     if kv is None:
-      q, k, v = jnp.split(jnp.einsum('bld,ed->ble', x, w) + b, 3, axis=-1)
+      q, k, v = jnp.split(matmul(x, w.T) + b, 3, axis=-1)
     else:
       kv = kv.astype(self.dtype)
-      q = jnp.einsum('bld,ed->ble', x, w[:d]) + b[:d]
-      k, v = jnp.split(jnp.einsum('bld,ed->ble', kv, w[d:]) + b[d:], 2, axis=-1)
+      q = matmul(x, w[:d].T) + b[:d]
+      k, v = jnp.split(matmul(kv, w[d:].T) + b[d:], 2, axis=-1)
     split = lambda t: t.reshape(t.shape[:2] + (h, d // h))
     q, k, v = split(q), split(k), split(v)
     scale = (d // h) ** -0.5
