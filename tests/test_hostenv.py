@@ -241,3 +241,26 @@ def test_threads_allocating_large_blocks_concurrently(block_cache):
       for t in threads: t.join()
       print('ok')
       """))
+
+
+def test_rehome_state_copies_the_arrays_keeping_values_and_shardings(monkeypatch):
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  big = jax.device_put(np.arange(8 * 6, dtype=np.float32).reshape(8, 6),
+                       NamedSharding(mesh, P('data')))
+  tree = {'w': big, 'step': jax.numpy.int32(3)}
+
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.mmap_threshold=33554432')
+  assert hostenv.rehome_state(tree) is tree   # no huge pages: nothing to gain, nothing done
+
+  monkeypatch.setenv('GLIBC_TUNABLES', ':'.join(ALL))
+  moved = hostenv.rehome_state(tree)
+  assert moved['w'].sharding == big.sharding
+  np.testing.assert_array_equal(moved['w'], np.arange(48).reshape(8, 6))
+  assert int(moved['step']) == 3
+  old = {s.device: s.data.unsafe_buffer_pointer() for s in big.addressable_shards}
+  assert all(s.data.unsafe_buffer_pointer() != old[s.device] for s in moved['w'].addressable_shards)

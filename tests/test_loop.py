@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from cosmos_jax import config_cli
+from cosmos_jax import config_cli, hostenv
 from cosmos_jax.train import loop
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py')
@@ -107,3 +107,22 @@ def test_missing_training_data_is_named(tmp_path):
   config.data.train = str(tmp_path / 'shards-{0000..0001}.tar')
   with pytest.raises(ValueError, match=r'shards-0000\.tar'):
     loop.train(config, str(tmp_path / 'run'))
+
+
+def test_rehoming_the_state_after_the_first_step_changes_no_number(tmp_path, monkeypatch):
+  """With the huge-page tunable set, the loop copies the state after step 1 (hostenv)."""
+  def losses(name):
+    config = tiny_config(total_steps=3)
+    config.eval.tasks = ()
+    loop.train(config, str(tmp_path / name))
+    records = [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
+    return [r['total_loss'] for r in records if 'total_loss' in r]
+
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  copies = []
+  real = hostenv.rehome_state
+  monkeypatch.setattr(hostenv, 'rehome_state', lambda t: copies.append(1) or real(t))
+  rehomed = losses('rehomed')
+  assert copies == [1]
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  assert rehomed == losses('plain') and len(rehomed) == 3
