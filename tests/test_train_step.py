@@ -1,7 +1,9 @@
 """The train step against a PyTorch step in the reference's order, and across mesh shapes."""
 
 import copy
+import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -187,24 +189,33 @@ def test_meshes_agree_with_one_device(single_device_run, mesh_shape, rules):
   assert shardings['teacher_params'] == shardings['params']
 
 
-def test_teacher_is_updated_in_place_without_a_copy():
-  """With the teacher donated, the compiled step copies no teacher leaf before the EMA.
+@pytest.mark.parametrize('distill', [True, False])
+def test_donated_state_is_updated_in_place(distill):
+  """On one CPU device, the compiled step copies no donated parameter array before updating it.
 
-  Without the EMA's data dependency on the loss, XLA copies every donated teacher leaf (the
-  teacher forward and the in-place EMA would otherwise be unordered).
+  XLA copies a donated leaf whose readers are not all data inputs of its update: the teacher
+  (read by the teacher forward) always, and without ``in_place_student`` the student (read by
+  the backward and the EMA). Scalars (the logit scales, which are clamped) may be copied.
   """
   tx, schedule = optim.make_optimizer(1e-3, 0.9, 0.98, 1e-8, 0.5, 1, 10)
   mesh = partition.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  state, shardings = state_lib.create_state(CFG, tx, mesh, partition.resolve_rules('dp'),
-                                            jax.random.key(0))
-  fn = step_lib.jit_train_step(
-      step_lib.make_train_step(models.CLIP(CFG), tx, schedule, step_lib.StepConfig()),
-      shardings, partition.batch_sharding(mesh))
+  cfg = CFG if distill else dataclasses.replace(CFG, cosmos=False)
+  state, shardings = state_lib.create_state(cfg, tx, mesh, partition.resolve_rules('dp'),
+                                            jax.random.key(0), with_teacher=distill)
   batch = jax.device_put(make_batch(0, normalized=False), partition.batch_sharding(mesh))
-  with jax.set_mesh(mesh):
-    hlo = fn.lower(state, batch).compile().as_text()
-  assert 'copy(%state__params' in hlo   # the check sees copies where XLA makes them
-  assert 'copy(%state__teacher_params' not in hlo
+
+  def copied(in_place_student):
+    step_cfg = step_lib.StepConfig(distill=distill, in_place_student=in_place_student)
+    fn = step_lib.jit_train_step(
+        step_lib.make_train_step(models.CLIP(cfg), tx, schedule, step_cfg),
+        shardings, partition.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+      hlo = fn.lower(state, batch).compile().as_text()
+    return {tree for shape, tree in re.findall(r'= (\S+?)(?:\{\S*\})? copy\(%state__(\w+?)__', hlo)
+            if shape not in ('f32[]', 's32[]')}
+
+  assert copied(in_place_student=False) == {'params'}   # the check sees XLA's copies
+  assert copied(in_place_student=True) == set()
 
 
 def test_fsdp_memory_per_device():

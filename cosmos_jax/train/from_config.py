@@ -59,7 +59,9 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> StepBuild
   model = models.CLIP(mcfg, dtype=compute_dtype(config), remat=config.model.remat)
   step_cfg = step_lib.StepConfig(distill=mcfg.cosmos, ema_momentum=config.ema.momentum,
                                  ema_schedule=config.ema.schedule, ema_final=config.ema.final,
-                                 total_steps=config.total_steps)
+                                 total_steps=config.total_steps,
+                                 in_place_student=(mesh.devices.size == 1
+                                                   and mesh.devices.flat[0].platform == 'cpu'))
   batch_sh = partition.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, step_cfg),
                                        shardings, batch_sh)
