@@ -98,12 +98,12 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation,
     updates, new_state['opt_state'] = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     if cfg.in_place_student:
-      first = lambda t: t.reshape(-1)[0] if t.size else jnp.zeros((), t.dtype)
-      teacher = new_teacher
-      if teacher is None:
-        teacher = jax.tree.map(lambda p: jnp.zeros((), p.dtype), new_params)
-      new_params = jax.tree.map(lambda p, t: p + _after(grad_norm, first(t)), new_params,
-                                teacher)
+      if new_teacher is None:
+        new_params = jax.tree.map(lambda p: p + _after(grad_norm), new_params)
+      else:
+        first = lambda t: t.reshape(-1)[0] if t.size else jnp.zeros((), t.dtype)
+        new_params = jax.tree.map(lambda p, t: p + _after(grad_norm, first(t)), new_params,
+                                  new_teacher)
     new_state['params'] = clamp_logit_scales(new_params)
     new_state['step'] = state['step'] + 1
     metrics['lr'] = schedule(state['step'])
