@@ -3,7 +3,8 @@
 Numerics that must match the reference live here, once:
   * LayerNorm eps 1e-5 (torch default; Flax's is 1e-6), computed in float32;
   * exact (erf) GELU, not the tanh approximation, in torch's form 0.5 x (1 + erf(x / sqrt 2));
-  * attention softmax in float32; packed torch-layout ``in_proj_weight`` (3D, D).
+  * attention softmax in float32 (``attention.py``);
+  * packed torch-layout ``in_proj_weight`` (3D, D).
 Matmuls run in ``dtype`` (float32 or bfloat16); parameters are always float32.
 """
 
@@ -17,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cosmos_jax.models.attention import dot_product_attention
 
 LN_EPS = 1e-5
 Dtype = Any
@@ -147,22 +150,18 @@ class MultiheadAttention(nn.Module):
     q, k, v = split(q), split(k), split(v)
     scale = (d // h) ** -0.5
 
-    def softmax(a, b_, mask=None):
-      logits = jnp.einsum('bqhc,bkhc->bhqk', a, b_, preferred_element_type=jnp.float32) * scale
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      return jax.nn.softmax(logits, axis=-1)
-
-    if csa:
+    if csa:  # segmentation only, never differentiated: the plain form
+      softmax = lambda a, b_: jax.nn.softmax(
+          jnp.einsum('bqhc,bkhc->bhqk', a, b_, preferred_element_type=jnp.float32) * scale)
       probs = softmax(q, q) + softmax(k, k)
+      out = jnp.einsum('bhqk,bkhc->bqhc', probs.astype(self.dtype), v)
     else:
       mask = None
       if causal:
         if query_positions is None:
           query_positions = jnp.arange(q.shape[1])[None]
         mask = (jnp.arange(k.shape[1]) <= query_positions[..., None])[:, None]
-      probs = softmax(q, k, mask)
-    out = jnp.einsum('bhqk,bkhc->bqhc', probs.astype(self.dtype), v)
+      out = dot_product_attention(q, k, v, mask, scale, self.dtype)
     out = out.reshape(out.shape[:2] + (d,))
     out_init = torch_linear_kernel if self.out_proj_std is None else normal(self.out_proj_std)
     return Linear(d, ('heads', 'embed'), out_init, nn.initializers.zeros, self.dtype,
