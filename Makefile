@@ -14,8 +14,18 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# On x86_64 those torch wheels are CUDA builds: with their nvidia-* wheels the venv grows by
+# about 5.6 GB, so say so up front rather than fail half-way through pip.
+TEST_INSTALL_FREE_GB ?= 7
+
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -q -e '.[test,torch]' $(TORCH_PINS)
+	@free=$$(df -Pk $(VENV) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(TEST_INSTALL_FREE_GB) ]; then \
+	  echo "make test: installing torch for the parity tests needs about" \
+	    "$(TEST_INSTALL_FREE_GB) GB free on the disk of $(VENV); $$free GB are free." >&2; \
+	  exit 1; \
+	fi
+	$(PIP) install -q --no-cache-dir -e '.[test,torch]' $(TORCH_PINS)
 	touch $@
 
 install: $(VENV)/.base
