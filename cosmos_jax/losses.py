@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from cosmos_jax.models.layers import l2_normalize  # noqa: F401  (re-exported)
 
 _DISTILL_TERMS = ('distill_i2i', 'distill_i2t', 'distill_t2i', 'distill_t2t')
+# Float32 logits of the view pairs one scan step of clip_loss holds (N = 4096: one pair).
+_PAIR_LOGITS_BYTES = 64 << 20
 
 
 @jax.checkpoint
@@ -41,13 +43,16 @@ def clip_loss(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     raise ValueError(
         f'clip_loss expects (Va, N, E) and (Vb, N, E), got {a.shape} and '
         f'{b.shape}.')
-  # Pairs run one after another (lax.map is a scan) and each is rematerialised,
-  # so forward and backward hold one N x N block at a time instead of Va*Vb of
-  # them; the scan also compiles the pair once instead of Va*Vb times.
+  # Pairs run in groups of at most _PAIR_LOGITS_BYTES of logits, one group
+  # after another (lax.map is a scan), each rematerialised: at batch 4096 one
+  # N x N block is live at a time instead of Va*Vb of them. Small batches take
+  # all pairs in one vectorised group, since a scan step per pair costs more in
+  # loop overhead than the pair itself (tiny: 2,500 of 4,400 ops in the step).
   ii, jj = jnp.meshgrid(jnp.arange(a.shape[0]), jnp.arange(b.shape[0]),
                         indexing='ij')
+  pairs_per_group = max(1, min(ii.size, _PAIR_LOGITS_BYTES // (4 * a.shape[1] ** 2)))
   per_pair = jax.lax.map(lambda ij: _pair_loss(a[ij[0]], b[ij[1]], scale),
-                         (ii.ravel(), jj.ravel()))
+                         (ii.ravel(), jj.ravel()), batch_size=pairs_per_group)
   return jnp.mean(per_pair)
 
 

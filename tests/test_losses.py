@@ -58,8 +58,13 @@ def _jax_total(student, teacher):
 _objective = jax.jit(losses.cosmos_objective, static_argnames='distill')
 
 
-def test_matches_torch_values_and_gradients(torch_modules):
+# None: all 16 pairs of a term in one vectorised group (small batches); 1: one pair per
+# scan step (batch 4096); 3: groups of three and a remainder of one.
+@pytest.mark.parametrize('pairs_per_group', [None, 1, 3])
+def test_matches_torch_values_and_gradients(torch_modules, monkeypatch, pairs_per_group):
   torch, _ = torch_modules
+  if pairs_per_group is not None:
+    monkeypatch.setattr(losses, '_PAIR_LOGITS_BYTES', pairs_per_group * 4 * N * N)
   student, teacher = _features()
   ts = {k: torch.tensor(v, requires_grad=True) for k, v in student.items()}
   tt = {k: torch.tensor(v, requires_grad=True) for k, v in teacher.items()}
