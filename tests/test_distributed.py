@@ -296,18 +296,23 @@ def _finish(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]], timeout: fl
 
 
 def test_local_sh_sets_the_contract_and_fails_fast(tmp_path):
+  log_path = tmp_path / 'log'
+  # Process 1 fails only once process 0's line is in the log: on a loaded machine process 0
+  # could otherwise be stopped before it printed anything.
   script = ('echo "$COSMOS_PROCESS_ID/$COSMOS_NUM_PROCESSES $COSMOS_COORDINATOR_ADDRESS '
             '$COSMOS_CPU_COLLECTIVES $JAX_PLATFORMS $XLA_FLAGS"; '
-            '[ "$COSMOS_PROCESS_ID" = 1 ] && exit 3; sleep 60')
+            'if [ "$COSMOS_PROCESS_ID" = 1 ]; then '
+            f'for i in $(seq 150); do grep -q "^\\[p0\\] " {log_path} && break; sleep 0.1; done; '
+            'exit 3; fi; sleep 60')
   start = time.monotonic()
   proc = _launch(['--processes', '2', '--cpu-devices', '3', '--', 'bash', '-c', script],
-                 tmp_path / 'log')
+                 log_path)
   try:
     rc = proc.wait(timeout=30)
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-  log = (tmp_path / 'log').read_text()
+  log = log_path.read_text()
   assert rc == 3, log
   assert time.monotonic() - start < 20   # process 0 was stopped, not waited for
   for pid in (0, 1):
