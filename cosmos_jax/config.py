@@ -15,6 +15,10 @@ import ml_collections
 from cosmos_jax.train.partition import RULE_PRESETS
 
 
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'cpu_custom')
+CPU_TUNING_MODES = ('auto', 'on', 'off')
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -26,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
       cosmos=True,                   # False: the CLIP-only baseline (no teacher, no distillation)
       dtype='float32',               # matmul dtype: 'float32' or 'bfloat16'
       remat=False,                   # rematerialise every residual block
+      # Attention kernel: 'auto' (cpu_custom on CPU, cudnn on GPU where its limits allow, else
+      # xla), 'xla' (jax.nn.dot_product_attention, XLA's own), 'cudnn' (fused, GPU only) or
+      # 'cpu_custom' (a hand-written backward tuned for XLA:CPU). All compute the same function.
+      attention='auto',
+      scan_layers=False,             # the residual blocks as one nn.scan (faster pod compiles)
   ))
   c.data = ml_collections.ConfigDict(dict(
       train='synthetic:train',       # tar pattern, ArrayRecord dir, .csv/.jsonl, or synthetic
@@ -60,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
       which='teacher',               # 'teacher', 'student' or 'both'
       batch_size=256,
   ))
+  c.perf = ml_collections.ConfigDict(dict(
+      # XLA:CPU tuning (cosmos_jax/xla_cpu/): 'auto' turns it on only for a single CPU device
+      # with no accelerator on the host; 'on' forces it on a CPU mesh, 'off' never.
+      cpu_tuning='auto',
+  ))
   c.log_every_steps = 50
   return c
 
@@ -82,6 +96,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.total_steps > 0, 'total_steps', 'must be positive')
   need(config.model.dtype in ('float32', 'bfloat16'), 'model.dtype',
        "must be 'float32' or 'bfloat16'")
+  need(config.model.attention in ATTENTION_IMPLS, 'model.attention',
+       f'must be one of {", ".join(ATTENTION_IMPLS)}')
+  need(config.perf.cpu_tuning in CPU_TUNING_MODES, 'perf.cpu_tuning',
+       f'must be one of {", ".join(CPU_TUNING_MODES)}')
   need(config.optim.lr > 0, 'optim.lr', 'must be positive')
   need(0 <= config.optim.b1 < 1 and 0 <= config.optim.b2 < 1, 'optim.b1',
        'betas must be in [0, 1)')
