@@ -21,6 +21,7 @@ PARITY_TOLERANCE = {'loss': 1e-2, 'grads': 5e-2}
 
 def search_batch(run: Callable[[int], dict], first: int, cap: int, deadline: float, *,
                  predict: Optional[Callable[[dict], Optional[int]]] = None,
+                 estimate_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
   """The largest batch of the form ``first * 2**k`` (up to ``cap``) that runs.
 
@@ -28,14 +29,15 @@ def search_batch(run: Callable[[int], dict], first: int, cap: int, deadline: flo
   compiled memory) says a larger power still fits; after an out-of-memory it halves until
   one runs. It stops once a batch ran and its double ran out of memory ('oom'), at the cap
   ('cap'), at a failure other than memory ('error'), or when the last trial's duration with
-  a margin for the bigger batch would pass ``deadline`` ('budget').
+  a margin for the bigger batch would pass ``deadline`` ('budget'); ``estimate_s`` stands in
+  for it before the first trial (e.g. another kernel's last trial).
 
   Returns {'trials': [...], 'best': the largest trial that ran or None, 'stopped_by'}.
   """
   trials: list[dict] = []
   best: Optional[dict] = None
   failed_at: Optional[int] = None   # the smallest batch that ran out of memory
-  batch, last_s = first, 0.0
+  batch, last_s = first, estimate_s
   while True:
     if batch > cap:
       stopped = 'cap'

@@ -153,20 +153,25 @@ def _measure(config: ml_collections.ConfigDict, spec: dict[str, Any],
   return out
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(cache_dir: Optional[str]) -> dict[str, str]:
   env = dict(os.environ)
   env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', GPU_MEMORY_FRACTION)
+  if cache_dir:   # the state's initialisation is the same program in every trial
+    env.setdefault('JAX_COMPILATION_CACHE_DIR', cache_dir)
   return env
 
 
-def run_in_subprocess(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-  """The trial in a fresh interpreter; a crash or a timeout comes back as a failed result."""
+def run_in_subprocess(spec: dict[str, Any], timeout_s: float,
+                      cache_dir: Optional[str] = None) -> dict[str, Any]:
+  """The trial in a fresh interpreter; a crash or a timeout comes back as a failed result.
+
+  ``cache_dir``: a compilation cache shared by the trials' processes."""
   base = {'attention': spec['attention'], 'batch': spec['batch'], 'ok': False, 'oom': False}
   start = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, '-m', 'cosmos_jax.bench.gpu_trial'],
                           input=json.dumps(spec), capture_output=True, text=True,
-                          env=_child_env(), timeout=max(timeout_s, 1.0))
+                          env=_child_env(cache_dir), timeout=max(timeout_s, 1.0))
   except subprocess.TimeoutExpired:
     return {**base, 'error': f'trial timed out after {timeout_s:.0f} s',
             'wall_s': time.perf_counter() - start}
