@@ -10,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import tempfile
 
 import jax
@@ -200,6 +201,19 @@ def test_a_trial_process_reports_its_failure_as_a_result():
   assert result['ok'] is False and result['oom'] is False
   assert result['batch'] == 2 and 'no-such-variant' in result['error']
   assert result['platform'] == 'cpu'   # the child ran and answered in JSON
+
+
+def test_the_parent_takes_no_device_before_the_trials():
+  """On a GPU the trials' processes need its memory: importing the benchmark and building its
+  config must not start a JAX backend (which would take 75% of the GPU's memory)."""
+  probe = ('import jax._src.xla_bridge as xb\n'
+           'from cosmos_jax.bench import gpu\n'
+           f'gpu.bench_config({DEMO!r})\n'
+           'print(xb.backends_are_initialized())\n')
+  proc = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == 'False'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,8 +108,8 @@ def _official(repo: str, config: ml_collections.ConfigDict, batch: int,
     kwargs['precision'] = 'amp_bf16'   # their bf16 autocast, the nearest to ours
   try:
     out = official.time_official_step(repo, config, repeats, **kwargs)
-  except (FileNotFoundError, RuntimeError) as e:
-    return {'official_error': str(e).strip()[-2000:]}
+  except Exception as e:   # their step failing must not cost the rest of the figures
+    return {'official_error': f'{type(e).__name__}: {str(e).strip()[-2000:]}'}
   out['official_batch'] = batch
   commit_file = os.path.join(repo, 'COMMIT')   # a copy staged by launch/gpu_bench.sh fetch
   if not out.get('official_commit') and os.path.isfile(commit_file):
@@ -171,8 +171,9 @@ def run(out_dir: str, *, config: Optional[ml_collections.ConfigDict] = None,
   datasheet = peak_tflops * 1e12 if peak_tflops else datasheet_peak(kind)
   results['device']['datasheet_bf16_flops_per_s'] = datasheet
   results['device']['datasheet_source'] = 'given' if peak_tflops else ('table' if datasheet else None)
+  _write(out_dir, results)   # the trials' figures are kept even if what follows fails
   results['measured_peak'] = _measured_peak(config, peak_size)
-  measured = results['measured_peak']['flops_per_s']
+  measured = results['measured_peak'].get('flops_per_s')
   for name, r in results['attention'].items():
     if r['best']:
       r['best'].update(utilisation(config, r['best'], datasheet, measured))
@@ -181,9 +182,13 @@ def run(out_dir: str, *, config: Optional[ml_collections.ConfigDict] = None,
   if official.get('official_step_s') and ours:
     official['speedup_of_ours_at_same_batch'] = official['official_step_s'] / ours['step_s']
   results['total_s'] = time.monotonic() - began
+  _write(out_dir, results)
+  return results
+
+
+def _write(out_dir: str, results: dict[str, Any]) -> None:
   with open(os.path.join(out_dir, RESULT_FILE), 'w') as f:
     json.dump(results, f, indent=2)
-  return results
 
 
 # The reference's search may use this share of the budget when other kernels follow: each of
@@ -254,8 +259,11 @@ def _measured_peak(config: ml_collections.ConfigDict, size: Optional[int]) -> di
   import jax.numpy as jnp
   from cosmos_jax.bench.peak import matmul_peak
   from cosmos_jax.train import partition
-  mesh = partition.make_mesh((1, 1, 1), jax.devices()[:1])
-  return matmul_peak(jnp.dtype(config.model.dtype), size=size, mesh=mesh)
+  try:
+    mesh = partition.make_mesh((1, 1, 1), jax.devices()[:1])
+    return matmul_peak(jnp.dtype(config.model.dtype), size=size, mesh=mesh)
+  except Exception as e:   # reported; the MFU against it is then left out
+    return {'flops_per_s': None, 'error': f'{type(e).__name__}: {e}'.splitlines()[0]}
 
 
 def _si(value: Optional[float]) -> str:
