@@ -97,8 +97,13 @@ cmd_run() {
     [[ $torch == 1 || "$(basename "$wheel")" != torchvision-* ]] && wheels+=("$wheel")
   done
   echo "installing ${#wheels[@]} wheels into $SITE"
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" \
-    ${wheels[@]+"${wheels[@]}"}
+  if "$PYTHON" -m pip --version > /dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" \
+      ${wheels[@]+"${wheels[@]}"}
+  else   # no pip there: unpacking a wheel is all that importing it needs
+    "$PYTHON" -c 'import sys, zipfile
+for w in sys.argv[2:]: zipfile.ZipFile(w).extractall(sys.argv[1])' "$SITE" "${wheels[@]}"
+  fi
   mkdir -p "$out"
   local args=(--out "$out")
   [[ -z "$official" ]] || args+=(--official-repo "$official")
