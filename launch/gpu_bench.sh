@@ -89,6 +89,9 @@ cmd_run() {
     echo "error: no wheels in $WHEELS: run 'launch/gpu_bench.sh fetch' on a machine with network" >&2
     exit 2; }
   [[ -n "$official" || ! -d "$WHEELS/official/src" ]] || official="$WHEELS/official"
+  [[ -z "$official" || -d "$official/src/open_clip" ]] || {
+    echo "error: $official is not a checkout of ExplainableML/cosmos (no src/open_clip)" >&2
+    exit 2; }
   SITE="$(mktemp -d "${TMPDIR:-/tmp}/cosmos_gpu_site.XXXXXX")"
   trap 'rm -rf "$SITE"' EXIT
   local wheels=() torch=1 wheel
@@ -105,6 +108,8 @@ cmd_run() {
 for w in sys.argv[2:]: zipfile.ZipFile(w).extractall(sys.argv[1])' "$SITE" "${wheels[@]}"
   fi
   mkdir -p "$out"
+  out="$(cd "$out" && pwd)"   # absolute: the benchmark runs from the checkout's root
+  [[ -z "$official" ]] || official="$(cd "$official" && pwd)"
   local args=(--out "$out")
   [[ -z "$official" ]] || args+=(--official-repo "$official")
   cd "$ROOT"
