@@ -95,10 +95,16 @@ def test_search_leaves_out_a_trial_that_would_overrun_the_budget():
   def run(batch):
     now[0] += 10.0
     return {'batch': batch, 'ok': True, 'oom': False, 'wall_s': 10.0}
-  # At t=10 the next trial would end at 10 + 1.5 * 10 = 25 <= 25: runs; at t=20, 35 > 25.
-  found = gpu_search.search_batch(run, 2, 4096, 25.0, clock=lambda: now[0])
+  # At t=10 the next trial would end at 10 + 1.25 * 10 = 22.5 <= 23: runs; at t=20, 32.5 > 23.
+  found = gpu_search.search_batch(run, 2, 4096, 23.0, clock=lambda: now[0])
   assert [t['batch'] for t in found['trials']] == [2, 4]
   assert found['stopped_by'] == 'budget'
+
+
+def test_search_takes_the_given_estimate_before_its_first_trial():
+  found = gpu_search.search_batch(lambda b: pytest.fail('no trial fits'), 2, 64, 5.0,
+                                  estimate_s=10.0, clock=lambda: 0.0)
+  assert found == {'trials': [], 'best': None, 'stopped_by': 'budget'}
 
 
 def test_memory_prediction_skips_only_powers_that_fit():

@@ -19,6 +19,11 @@ import numpy as np
 PARITY_TOLERANCE = {'loss': 1e-2, 'grads': 5e-2}
 
 
+# A bigger batch compiles in about the same time (compiles dominate a trial) and runs its few
+# timed steps longer: the next trial is taken to last this much longer than the last one.
+MARGIN = 1.25
+
+
 def search_batch(run: Callable[[int], dict], first: int, cap: int, deadline: float, *,
                  predict: Optional[Callable[[dict], Optional[int]]] = None,
                  estimate_s: float = 0.0,
@@ -42,7 +47,7 @@ def search_batch(run: Callable[[int], dict], first: int, cap: int, deadline: flo
     if batch > cap:
       stopped = 'cap'
       break
-    if clock() + 1.5 * last_s > deadline:
+    if clock() + MARGIN * last_s > deadline:
       stopped = 'budget'
       break
     result = run(batch)
