@@ -300,3 +300,38 @@ def test_synthetic_source():
   batches = list(it)
   assert len(batches) == 2 and it.stats()['skipped'] == 0
   assert batches[0]['global'].shape == (4, 2, G, G, 3)
+
+
+def test_damaged_shards_counted_in_the_pipeline(tmp_path, caplog):
+  """A shard cut after 2 of 6 samples: its 4 lost samples (known from sizes.json) are named."""
+  for s in range(3):
+    _write_shard(tmp_path / f'part-{s:04d}.tar', 6 * s, 6)
+  whole = (tmp_path / 'part-0001.tar').read_bytes()
+  with tarfile.open(tmp_path / 'part-0001.tar') as tar:
+    third = tar.getmembers()[4]  # 000008.jpg: samples 000006 and 000007 end before it
+  (tmp_path / 'part-0001.tar').write_bytes(whole[:third.offset_data + 5])
+  (tmp_path / 'sizes.json').write_text(json.dumps({f'part-{s:04d}.tar': 6 for s in range(3)}))
+  src = sources.open_source(str(tmp_path / 'part-{0000..0002}.tar'))
+  assert len(src) == 6 + 3 + 6 and src.missing_records == 3
+  with pytest.raises(P.TooManyBadSamplesError, match=r'3 of the 18 samples .*/part-0001\.tar: truncated'):
+    P.make_train_iterator(src, _cfg(max_bad_fraction=0.1), shard_index=0, shard_count=1)
+  with caplog.at_level(logging.WARNING):
+    it = P.make_train_iterator(src, _cfg(num_epochs=1, global_batch_size=3, max_bad_fraction=0.5),
+                               shard_index=0, shard_count=1)
+  assert '1 damaged part(s), 3 samples missing' in caplog.text
+  list(it)
+  stats = it.stats()
+  # 15 records: the cut one and the last (no json) of the two whole shards are skipped as read.
+  assert (stats['seen'], stats['skipped']) == (15, 1 + 2)
+  assert (stats['source_missing'], stats['source_bad_parts']) == (3, 1)
+  it.close()
+
+
+def test_empty_source_names_its_shards(tmp_path):
+  (tmp_path / 'only.tar').write_bytes(b'')
+  src = sources.open_source(str(tmp_path / 'only.tar'))
+  with pytest.raises(ValueError) as e:
+    P.make_train_iterator(src, _cfg(), shard_index=0, shard_count=1)
+  message = str(e.value)
+  assert f'the source {tmp_path / "only.tar"} has 0 records, fewer than the 1 hosts' in message
+  assert 'empty file (0 bytes)' in message

@@ -296,3 +296,50 @@ def test_open_source_dispatch(shards, table_dir, tmp_path):
   assert record['mask'].shape == (32, 32)
   with pytest.raises(DataSourceError, match='synthetic:test'):
     open_source('synthetic:test')
+
+
+def _damaged_shards(root):
+  """good.tar (10 samples), cut.tar (cut inside 004.jpg), html.tar (not a tar), empty.tar (0 B)."""
+  members = [m for i in range(10) for m in _good(f'{i:03d}', i)]
+  offsets = _write_tar(root / 'good.tar', members)
+  (root / 'cut.tar').write_bytes((root / 'good.tar').read_bytes()[:offsets[8] + 10])
+  (root / 'html.tar').write_bytes(b'<html><body>404 Not Found</body></html>\n' * 40)
+  (root / 'empty.tar').write_bytes(b'')
+  return [str(root / f'{n}.tar') for n in ('good', 'cut', 'html', 'empty')]
+
+
+def test_damaged_shards_named_with_what_they_lost(tmp_path, caplog):
+  paths = _damaged_shards(tmp_path)
+  # open_clip's sizes.json for three shards, img2dataset's <stem>_stats.json for the fourth.
+  (tmp_path / 'sizes.json').write_text(json.dumps({'good.tar': 10, 'cut.tar': 10, 'html.tar': 10}))
+  (tmp_path / 'empty_stats.json').write_text(json.dumps({'successes': 10, 'failed': 2}))
+  with caplog.at_level('WARNING', logger='cosmos_jax.data.sources.tar'):
+    src = TarSource(paths)
+  good, cut, html, empty = src.shard_reports
+  assert (good.indexed, good.missing, good.is_bad) == (10, 0, False)
+  # cut.tar: 000-003 whole, 004 is the cut record, 005-009 are gone.
+  assert (cut.expected, cut.indexed, cut.unreadable, cut.missing) == (10, 5, 1, 5)
+  assert 'truncated' in cut.problem and '004.jpg' in cut.problem
+  # html.tar: one error record for the whole file, the other 9 are missing.
+  assert (html.indexed, html.unreadable, html.missing) == (1, 1, 9)
+  assert 'not an uncompressed tar' in html.problem
+  assert (empty.expected, empty.indexed, empty.missing, empty.problem) == (
+      10, 0, 10, 'empty file (0 bytes)')
+  assert src.missing_records == 5 + 9 + 10 and len(src) == 10 + 5 + 1
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 3 and warnings == src.problems()
+  assert warnings[0].startswith(f'shard {paths[1]}: truncated') and '4 of 10 samples readable (5 missing, 1 unreadable)' in warnings[0]
+  assert f'shard {paths[2]}: not an uncompressed tar' in warnings[1] and '0 of 10' in warnings[1]
+  assert f'shard {paths[3]}: empty file' in warnings[2] and '(10 missing)' in warnings[2]
+  assert pickle.loads(pickle.dumps(src)).missing_records == 24
+
+
+def test_damaged_shards_without_an_index(tmp_path):
+  paths = _damaged_shards(tmp_path)
+  (tmp_path / 'sizes.json').write_text('{not json')  # ignored with a warning, not fatal
+  src = TarSource(paths)
+  assert src.missing_records == 0 and [r.expected for r in src.shard_reports] == [None] * 4
+  problems = src.problems()
+  assert len(problems) == 3 and all('unknown' in p for p in problems)
+  assert 'cut_stats.json' in problems[0] and '4 samples readable, 1 unreadable' in problems[0]
+  assert src.location() == ', '.join(paths)

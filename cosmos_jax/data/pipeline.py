@@ -15,6 +15,9 @@ Per host, the samples are one random-access ``grain.MapDataset``:
   exactly one element per index and the stream order is the dataset order, whatever
   ``worker_count`` and ``read_threads`` are. ``TrainIterator`` (main process) drops, counts
   and logs them, then stacks per-host batches.
+* Samples lost before they became records (a shard cut short, against its ``sizes.json``)
+  are named by the source when it opens, totalled in ``stats()`` and bounded by the same
+  ``max_bad_fraction`` before the first batch.
 
 Resume: the iterator state is the number of elements this host has consumed plus the skip
 counters; ``set_state`` restarts grain at ``dataset[position:]``. This is exact (the
@@ -142,14 +145,44 @@ def _derived_seed(seed: int, purpose: int) -> int:
   return int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0])
 
 
+def _location(source) -> str:
+  location = getattr(source, 'location', None)
+  return location() if callable(location) else repr(getattr(source, 'name', type(source).__name__))
+
+
+def _problems(source) -> list[str]:
+  problems = getattr(source, 'problems', None)
+  return list(problems()) if callable(problems) else []
+
+
+def check_source_losses(source, cfg: PipelineConfig) -> dict[str, Any]:
+  """Samples the source lost before they became records (a shard cut short, say), named.
+
+  Returns the counters {'source_missing', 'source_bad_parts'}; raises TooManyBadSamplesError
+  when the missing samples alone exceed ``max_bad_fraction`` of what the source should hold.
+  """
+  missing = int(getattr(source, 'missing_records', 0) or 0)
+  problems = _problems(source)
+  if problems:
+    log.warning('data source %s: %d damaged part(s), %d samples missing (each named above)',
+                getattr(source, 'name', '') or _location(source), len(problems), missing)
+  expected = len(source) + missing
+  if missing and missing > cfg.max_bad_fraction * expected:
+    raise TooManyBadSamplesError(
+        f'{missing} of the {expected} samples the source should hold are missing '
+        f'({missing / expected:.2%} > max_bad_fraction {cfg.max_bad_fraction:.2%}): '
+        + '; '.join(problems))
+  return {'source_missing': missing, 'source_bad_parts': len(problems)}
+
+
 def host_dataset(source, cfg: PipelineConfig, shard_index: int,
                  shard_count: int) -> grain.MapDataset:
   """This host's stream of examples and ``Skip`` markers, as a random-access dataset."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
   if len(source) < shard_count:
-    raise ValueError(f'the source has {len(source)} records, fewer than the '
-                     f'{shard_count} hosts')
+    raise ValueError(f'the source {_location(source)} has {len(source)} records, fewer than the '
+                     f'{shard_count} hosts' + ''.join(f'; {p}' for p in _problems(source)))
   ds = grain.MapDataset.source(source).random_map(
       functools.partial(decode_and_augment, cfg=cfg), seed=_derived_seed(cfg.seed, 1))
   if cfg.shuffle:
@@ -169,8 +202,10 @@ class TrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, dataset: grain.MapDataset, cfg: PipelineConfig, batch_size: int,
-               shard_index: int, shard_count: int, num_records: int):
+               shard_index: int, shard_count: int, num_records: int,
+               source_losses: dict[str, int] | None = None):
     super().__init__()
+    self._source_losses = dict(source_losses or {'source_missing': 0, 'source_bad_parts': 0})
     self._dataset = dataset
     self._cfg = cfg
     self._batch_size = batch_size
@@ -232,10 +267,11 @@ class TrainIterator(grain.DatasetIterator):
     return collate(examples)
 
   def stats(self) -> dict[str, Any]:
-    """Counters of this host: records seen, skipped, and the last bad (key, reason)s."""
+    """Counters of this host: records seen, skipped, the last bad (key, reason)s, and the
+    source's own losses (samples missing from damaged shards, shared by all hosts)."""
     return {'position': self._position, 'seen': self._seen, 'skipped': self._skipped,
             'bad_fraction': self._skipped / max(self._seen, 1),
-            'last_bad': [list(kr) for kr in self._last_bad]}
+            'last_bad': [list(kr) for kr in self._last_bad], **self._source_losses}
 
   def get_state(self) -> dict[str, Any]:
     return {'version': STATE_VERSION, 'position': self._position, 'seen': self._seen,
@@ -294,5 +330,6 @@ def make_train_iterator(source, cfg: PipelineConfig, *, shard_index: int | None 
     raise ValueError(f'global_batch_size {cfg.global_batch_size} is not divisible by the '
                      f'number of hosts {shard_count}')
   dataset = host_dataset(source, cfg, shard_index, shard_count)
+  losses = check_source_losses(source, cfg)
   return TrainIterator(dataset, cfg, cfg.global_batch_size // shard_count, shard_index,
-                       shard_count, len(source))
+                       shard_count, len(source), source_losses=losses)

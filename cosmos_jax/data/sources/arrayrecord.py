@@ -197,6 +197,9 @@ class ArrayRecordSource(RecordSource):
   def __len__(self) -> int:
     return self._len
 
+  def location(self) -> str:
+    return f'{self.dataset_dir} (split {self.split!r})'
+
   def __getitem__(self, index: int) -> Record:
     i = self._check_index(index)
     key = f'{self.name}:{i}'

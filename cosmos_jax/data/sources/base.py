@@ -51,5 +51,18 @@ class RecordSource(abc.ABC):
       raise IndexError(f'{self.name}: index {index} out of range [0, {n})')
     return index
 
+  @property
+  def missing_records(self) -> int:
+    """Samples known to be lost before they became records (e.g. after a shard's cut)."""
+    return 0
+
+  def problems(self) -> list[str]:
+    """One line per damaged part of the source (a shard, a file), naming it."""
+    return []
+
+  def location(self) -> str:
+    """Where the records come from (paths), for messages."""
+    return self.name
+
   def __repr__(self) -> str:
     return f'{type(self).__name__}({self.name!r}, {len(self)} records)'

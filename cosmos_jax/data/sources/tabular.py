@@ -123,6 +123,9 @@ class TabularSource(RecordSource):
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
     raise KeyError(f'no caption ({" or ".join(keys)})')
 
+  def location(self) -> str:
+    return self.path
+
   def __len__(self) -> int:
     return len(self._images)
 

@@ -4,14 +4,22 @@ A sample is the group of members sharing a key: ``<key>.jpg|png|jpeg|webp`` + ``
 (+ optional ``<key>.mask.png``, ``<key>.txt``). The key is the member path up to the first dot of
 its basename (webdataset's ``base_plus_ext``). The index (shard, offset, size per member) is built
 once from the tar headers alone and kept in memory; data are read by offset at access.
+
+Shard accounting: each shard's record count is checked against what an index lists for it
+(open_clip's ``sizes.json`` in the shard's directory, ``{"<shard>.tar": n}``, or img2dataset's
+``<stem>_stats.json`` with ``successes``). An empty, truncated or non-tar shard, or one with fewer
+records than its index lists, is named in one warning with what it lost; ``TarSource.missing_records``
+totals the samples that never became records (unreadable records are counted when read).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import concurrent.futures
+import dataclasses
 import functools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -28,6 +36,8 @@ _SLOTS = ('image', 'json', 'mask', 'txt')
 _REMOTE = ('pipe:', 'http://', 'https://', 'gs://', 's3://', 'hf://')
 _RANGE = re.compile(r'(-?\d+|[a-zA-Z])\.\.(-?\d+|[a-zA-Z])(?:\.\.(-?\d+))?')
 _MEMBER = re.compile(r'^((?:.*/|)[^.]+)[.]([^/]*)$')  # webdataset base_plus_ext
+
+log = logging.getLogger(__name__)
 
 
 def _split_top_level(body: str) -> list[str]:
@@ -111,15 +121,68 @@ def _slot(suffix: str) -> int | None:
   return {'json': 1, 'mask.png': 2, 'txt': 3}.get(suffix)
 
 
-def index_shard(path: str, require_json: bool = True) -> tuple[list[str], np.ndarray, dict]:
+@dataclasses.dataclass(frozen=True)
+class ShardIndex:
+  """One shard's header scan: keys, spans int64 (n, 4 slots, 2 = offset/size; -1 when absent),
+  error records {i: msg}, and what is wrong with the file as a whole (None when nothing)."""
+  keys: list[str]
+  spans: np.ndarray
+  errors: dict[int, str]
+  problem: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardReport:
+  """What one shard gave against what its index expected."""
+  path: str
+  expected: int | None  # samples its index lists; None when no index lists this shard
+  indexed: int  # records found in its headers, unreadable ones included
+  unreadable: int  # of those, records known bad from the headers
+  problem: str | None  # the file's own fault: empty, not a tar, truncated, broken header
+
+  @property
+  def missing(self) -> int:
+    """Samples the index lists that are not even records (lost after a cut, say)."""
+    return max(self.expected - self.indexed, 0) if self.expected is not None else 0
+
+  @property
+  def is_bad(self) -> bool:
+    return self.problem is not None or self.missing > 0
+
+  def describe(self) -> str:
+    readable = self.indexed - self.unreadable
+    what = self.problem or 'fewer records than its index lists'
+    bad = f', {self.unreadable} unreadable' if self.unreadable else ''
+    if self.expected is not None:
+      return (f'shard {self.path}: {what}: {readable} of {self.expected} samples readable '
+              f'({self.missing} missing{bad})')
+    stem = os.path.splitext(os.path.basename(self.path))[0]
+    return (f'shard {self.path}: {what}: {readable} samples readable{bad}; how many it lost is '
+            f'unknown (no sizes.json or {stem}_stats.json beside it lists it)')
+
+
+def _problem_of(file_size: int, open_error: Exception | None, cut_member: str | None,
+                broken_at: int | None) -> str | None:
+  if file_size == 0:
+    return 'empty file (0 bytes)'
+  if open_error is not None:
+    return f'not an uncompressed tar file ({open_error})'
+  if cut_member is not None:
+    return f'truncated: the file ends at byte {file_size}, inside member {cut_member}'
+  if broken_at is not None:
+    return f'broken tar header at byte {broken_at}, nothing after it is readable'
+  return None
+
+
+def index_shard(path: str, require_json: bool = True) -> ShardIndex:
   """Scans one shard's headers (no data reads).
 
-  Returns (keys, spans int64 (n, 4 slots, 2 = offset/size; -1 when absent), errors {i: msg}).
   Members complete before a truncation are kept; the cut member is an error record.
   """
   file_size = os.path.getsize(path)
   groups: dict[str, dict] = {}
   truncated, end, open_error = False, 0, None
+  cut_member, broken_at = None, None
   try:
     tar = tarfile.open(path, 'r:')  # uncompressed only: members must be seekable
   except (tarfile.TarError, OSError) as e:
@@ -139,7 +202,7 @@ def index_shard(path: str, require_json: bool = True) -> tuple[list[str], np.nda
         group = groups.setdefault(split[0], {'found': []})
         group['found'].append('.' + split[1])
         if info.offset_data + info.size > file_size:
-          truncated = True
+          truncated, cut_member = True, info.name
           group['error'] = (f'truncated member {info.name}: {info.size} bytes at '
                             f'{info.offset_data}, file ends at {file_size}')
           continue
@@ -162,6 +225,7 @@ def index_shard(path: str, require_json: bool = True) -> tuple[list[str], np.nda
       key = split[0] if split else f'__broken_header_at_{end}'
       what = f'not an uncompressed tar ({open_error})' if tar is None else 'broken tar header'
       groups.setdefault(key, {'found': []})['error'] = f'{what} at byte {end} (member {name!r})'
+      broken_at = end
   keys = list(groups)
   spans = np.full((len(keys), len(_SLOTS), 2), -1, np.int64)
   errors = {}
@@ -176,7 +240,36 @@ def index_shard(path: str, require_json: bool = True) -> tuple[list[str], np.nda
       errors[i] = f'missing image member (.{"/.".join(IMAGE_EXTS)}); found: {found}'
     elif 1 not in group and (require_json or 3 not in group):
       errors[i] = f'missing json member; found: {found}'
-  return keys, spans, errors
+  problem = _problem_of(file_size, open_error if tar is None else None, cut_member, broken_at)
+  return ShardIndex(keys, spans, errors, problem)
+
+
+def _read_index_file(path: str) -> object:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    log.warning('ignoring shard index %s: %s', path, e)
+    return None
+
+
+def expected_counts(paths: Sequence[str]) -> list[int | None]:
+  """Samples each shard should hold, from ``sizes.json`` beside it or ``<stem>_stats.json``."""
+  sizes_by_dir: dict[str, object] = {}
+  counts: list[int | None] = []
+  for path in paths:
+    directory, base = os.path.split(path)
+    if directory not in sizes_by_dir:
+      sizes_by_dir[directory] = _read_index_file(os.path.join(directory or '.', 'sizes.json'))
+    sizes = sizes_by_dir[directory]
+    value = sizes.get(base) if isinstance(sizes, dict) else None
+    if value is None:
+      stats = _read_index_file(os.path.splitext(path)[0] + '_stats.json')
+      value = stats.get('successes') if isinstance(stats, dict) else None
+    counts.append(int(value) if isinstance(value, (int, float)) and value >= 0 else None)
+  return counts
 
 
 def _display_names(paths: list[str]) -> list[str]:
@@ -209,21 +302,39 @@ class TarSource(RecordSource):
     names = _display_names(self.shards)
     self.name = names[0] if len(names) == 1 else f'{names[0]} (+{len(names) - 1} shards)'
     results = self._index_all(index_workers)
-    counts = [len(keys) for keys, _, _ in results]
+    counts = [len(r.keys) for r in results]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self.shard_counts = np.asarray(counts, np.int64)
     self.shard_starts = offsets[:-1]
     self._shard_id = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    self._spans = (np.concatenate([s for _, s, _ in results]) if results
+    self._spans = (np.concatenate([r.spans for r in results]) if results
                    else np.zeros((0, len(_SLOTS), 2), np.int64))
     # Keys live in one utf-8 blob + offsets: compact to hold and fast to pickle to workers.
-    encoded = [f'{name}/{key}'.encode() for name, (keys, _, _) in zip(names, results) for key in keys]
+    encoded = [f'{name}/{key}'.encode() for name, r in zip(names, results) for key in r.keys]
     self._key_blob = b''.join(encoded)
     self._key_offsets = np.concatenate([[0], np.cumsum([len(k) for k in encoded])]).astype(np.int64)
-    self.errors = {int(offsets[s]) + i: msg for s, (_, _, errs) in enumerate(results)
-                   for i, msg in errs.items()}
+    self.errors = {int(offsets[s]) + i: msg for s, r in enumerate(results)
+                   for i, msg in r.errors.items()}
+    self.shard_reports = [
+        ShardReport(path, expected, len(r.keys), len(r.errors), r.problem)
+        for path, expected, r in zip(self.shards, expected_counts(self.shards), results)]
+    for report in self.shard_reports:
+      if report.is_bad:
+        log.warning('%s', report.describe())
 
-  def _index_all(self, workers: int | None) -> list[tuple[list[str], np.ndarray, dict]]:
+  @property
+  def missing_records(self) -> int:
+    """Samples the shard indexes list that are no record of any shard (see the module doc)."""
+    return sum(r.missing for r in self.shard_reports)
+
+  def problems(self) -> list[str]:
+    return [r.describe() for r in self.shard_reports if r.is_bad]
+
+  def location(self) -> str:
+    more = len(self.shards) - 5
+    return ', '.join(self.shards[:5]) + (f' (+{more} more shards)' if more > 0 else '')
+
+  def _index_all(self, workers: int | None) -> list[ShardIndex]:
     many = len(self.shards) >= 64
     if workers is None:
       workers = min(16, os.cpu_count() or 1) if many else 0
