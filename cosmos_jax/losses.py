@@ -6,14 +6,21 @@ computes the full loss, so differentiating this loss gives world_size times the
 gradient of one official rank (DDP averages); AdamW is insensitive to that.
 """
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from cosmos_jax.models.layers import l2_normalize  # noqa: F401  (re-exported)
+from cosmos_jax import losses_sharded
 
-_DISTILL_TERMS = ('distill_i2i', 'distill_i2t', 'distill_t2i', 'distill_t2t')
+# Metric name: (student cross-modal stack, teacher uni-modal stack), in the reference's order.
+_DISTILL_TERMS = {
+    'distill_i2i': ('image_cross', 'teacher_image'),
+    'distill_i2t': ('image_cross', 'teacher_text'),
+    'distill_t2i': ('text_cross', 'teacher_image'),
+    'distill_t2t': ('text_cross', 'teacher_text'),
+}
 # Float32 logits of the view pairs one scan step of clip_loss holds (N = 4096: one pair).
 _PAIR_LOGITS_BYTES = 64 << 20
 
@@ -56,6 +63,19 @@ def clip_loss(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
   return jnp.mean(per_pair)
 
 
+def _contrastive_terms(stacks: Mapping[str, jax.Array], scales: Mapping[str, jax.Array],
+                       terms: Sequence[losses_sharded.Term], mesh: Optional[Mesh],
+                       batch_axes: Sequence[str]) -> list[jax.Array]:
+  """``clip_loss`` of each (a, b, scale) term: on global arrays, or per device when the batch
+  is split over more than one device of ``mesh`` (same value, explicit collectives)."""
+  stacks = {k: jnp.asarray(v, jnp.float32) for k, v in stacks.items()}
+  scales = {k: jnp.asarray(v, jnp.float32) for k, v in scales.items()}
+  if mesh is not None and losses_sharded.batch_shards(mesh, batch_axes) > 1:
+    return losses_sharded.sharded_clip_losses(stacks, scales, terms, mesh, batch_axes,
+                                              _PAIR_LOGITS_BYTES)
+  return [clip_loss(stacks[a], stacks[b], scales[s]) for a, b, s in terms]
+
+
 def cosmos_loss(img_cross: jax.Array, txt_cross: jax.Array,
                 teacher_img: jax.Array, teacher_txt: jax.Array,
                 distill_scale: jax.Array) -> dict[str, jax.Array]:
@@ -65,16 +85,13 @@ def cosmos_loss(img_cross: jax.Array, txt_cross: jax.Array,
   student x teacher view pairs, same-view pairs included; `distill_loss` is
   their mean. `distill_scale` is the exponentiated distill logit scale.
   """
-  teacher_img = jax.lax.stop_gradient(teacher_img)
-  teacher_txt = jax.lax.stop_gradient(teacher_txt)
-  terms = (
-      clip_loss(img_cross, teacher_img, distill_scale),
-      clip_loss(img_cross, teacher_txt, distill_scale),
-      clip_loss(txt_cross, teacher_img, distill_scale),
-      clip_loss(txt_cross, teacher_txt, distill_scale),
-  )
-  out = dict(zip(_DISTILL_TERMS, terms))
-  out['distill_loss'] = sum(terms) / 4.0
+  stacks = {'image_cross': img_cross, 'text_cross': txt_cross,
+            'teacher_image': jax.lax.stop_gradient(teacher_img),
+            'teacher_text': jax.lax.stop_gradient(teacher_txt)}
+  terms = [(a, b, 'distill') for a, b in _DISTILL_TERMS.values()]
+  values = _contrastive_terms(stacks, {'distill': distill_scale}, terms, None, ())
+  out = dict(zip(_DISTILL_TERMS, values))
+  out['distill_loss'] = sum(values) / 4.0
   return out
 
 
@@ -83,6 +100,8 @@ def cosmos_objective(
     teacher: Optional[Mapping[str, Any]],
     *,
     distill: bool = True,
+    mesh: Optional[Mesh] = None,
+    batch_axes: Sequence[str] = ('data', 'fsdp'),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total COSMOS loss L_CLIP + L_COSMOS and its metrics.
 
@@ -94,6 +113,10 @@ def cosmos_objective(
     teacher: 'image_features' and 'text_features', each (2, N, E); may be None
       when distill is False.
     distill: False gives the CLIP-only baseline (total = clip_loss).
+    mesh: where N is split over more than one device of ``batch_axes`` of this
+      mesh, the terms are computed per device with explicit collectives
+      (``losses_sharded``); otherwise (None, one device) on global arrays.
+    batch_axes: the mesh axes N is split over, in the order of its sharding.
 
   Returns:
     (total, metrics) with metrics 'clip_loss', the four distill terms,
@@ -101,12 +124,9 @@ def cosmos_objective(
   """
   # Local image crops are left out of L_CLIP, as in the reference ("results in
   # overfitting"): 2 global crops x all captions.
-  metrics = {
-      'clip_loss': clip_loss(
-          student['image_features'][:2], student['text_features'],
-          jnp.exp(jnp.asarray(student['logit_scale'], jnp.float32))),
-  }
-  total = metrics['clip_loss']
+  stacks = {'image': student['image_features'][:2], 'text': student['text_features']}
+  scales = {'clip': jnp.exp(jnp.asarray(student['logit_scale'], jnp.float32))}
+  terms = [('image', 'text', 'clip')]
   if distill:
     if teacher is None:
       raise ValueError('cosmos_objective(distill=True) needs teacher features.')
@@ -115,10 +135,18 @@ def cosmos_objective(
         raise ValueError(
             f"teacher['{key}'] must hold the 2 global views, got shape "
             f'{teacher[key].shape}.')
-    metrics.update(cosmos_loss(
-        student['image_cross'], student['text_cross'],
-        teacher['image_features'], teacher['text_features'],
-        jnp.exp(jnp.asarray(student['distill_logit_scale'], jnp.float32))))
+    stacks.update(image_cross=student['image_cross'], text_cross=student['text_cross'],
+                  teacher_image=jax.lax.stop_gradient(teacher['image_features']),
+                  teacher_text=jax.lax.stop_gradient(teacher['text_features']))
+    scales['distill'] = jnp.exp(
+        jnp.asarray(student['distill_logit_scale'], jnp.float32))
+    terms += [(a, b, 'distill') for a, b in _DISTILL_TERMS.values()]
+  values = _contrastive_terms(stacks, scales, terms, mesh, batch_axes)
+  metrics = {'clip_loss': values[0]}
+  total = metrics['clip_loss']
+  if distill:
+    metrics.update(zip(_DISTILL_TERMS, values[1:]))
+    metrics['distill_loss'] = sum(values[1:]) / 4.0
     total = total + metrics['distill_loss']
   metrics['total_loss'] = total
   return total, metrics
