@@ -242,6 +242,7 @@ def test_cpu_path_end_to_end(tmp_path, monkeypatch):
   assert saved['attention'].keys() == {'xla', 'cpu_custom'}
   assert saved['device']['datasheet_bf16_flops_per_s'] == 2e12
   assert saved['device']['datasheet_source'] == 'table'
+  assert saved['device']['versions']['jax'] == jax.__version__
   measured = saved['measured_peak']['flops_per_s']
   assert measured > 0 and saved['measured_peak']['size'] == 256
   for name, impl in saved['attention'].items():

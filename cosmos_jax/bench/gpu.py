@@ -252,7 +252,7 @@ def _device_info(impls: dict[str, Any]) -> dict[str, Any]:
     return {}
   t = trials[0]
   return {'device_kind': t['device_kind'], 'platform': t['platform'],
-          'bytes_limit': t.get('bytes_limit')}
+          'bytes_limit': t.get('bytes_limit'), 'versions': t.get('versions')}
 
 
 def _measured_peak(config: ml_collections.ConfigDict, size: Optional[int]) -> dict[str, Any]:

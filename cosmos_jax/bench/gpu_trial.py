@@ -93,6 +93,13 @@ def save_fingerprint(path: str, loss: float, grads: dict[str, np.ndarray]) -> No
   np.savez(path, __loss__=np.float64(loss), **grads)
 
 
+def versions() -> dict[str, str]:
+  import flax
+  import jaxlib
+  return {'python': sys.version.split()[0], 'jax': jax.__version__,
+          'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'optax': optax.__version__}
+
+
 def _memory_stats(device: jax.Device) -> dict[str, Optional[int]]:
   try:
     stats = device.memory_stats() or {}
@@ -109,7 +116,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
   device = jax.devices()[0]
   result: dict[str, Any] = {'attention': spec['attention'], 'batch': spec['batch'],
                             'device_kind': device.device_kind, 'platform': device.platform,
-                            'ok': False, 'oom': False}
+                            'versions': versions(), 'ok': False, 'oom': False}
   try:
     result.update(_measure(config, spec, device))
     result['ok'] = True
@@ -124,10 +131,11 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _measure(config: ml_collections.ConfigDict, spec: dict[str, Any],
              device: jax.Device) -> dict[str, Any]:
+  t0 = time.perf_counter()
   mesh = partition.make_mesh((1, 1, 1), [device])
   build = build_train_step(config, mesh)
   state, batch = concrete_inputs(build, config.batch_size, spec['seed'])
-  out: dict[str, Any] = {}
+  out: dict[str, Any] = {'setup_s': time.perf_counter() - t0}   # build, state, batch
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = build.train_step.lower(state, batch).compile()
