@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from cosmos_jax.train.partition import RULE_PRESETS
+from cosmos_jax.sharding_rules import RULE_PRESETS, resolve_rules
 
 
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'cpu_custom')
@@ -80,10 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def logical_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
   """The logical->mesh table of the config: ``mesh.rules`` if given, else the preset's."""
-  if config.mesh.rules:
-    return [(str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-            for name, axes in config.mesh.rules]
-  return list(RULE_PRESETS[config.mesh.preset])
+  return resolve_rules(config.mesh.rules or config.mesh.preset)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -110,6 +110,22 @@ def test_round_trip_exact_tiny(tiny_sd):
   assert_same(cv.flax_to_torch(params, cfg), tiny_sd)
 
 
+def test_scanned_layers_round_trip_with_the_torch_keys(tiny_sd):
+  """With ``scan_layers`` the body's blocks are stacked on one leading axis; the converter
+  maps each slice to its torch block both ways, bit for bit."""
+  cfg = get_variant('tiny', cosmos=False)
+  stacked = cv.torch_to_flax(tiny_sd, cfg, scan_layers=True)
+  body = stacked['visual']['transformer']
+  n = cfg.vision.layers
+  assert sorted(body) == ['resblocks', f'resblocks_{n - 1}']
+  t = {k: x.numpy() for k, x in tiny_sd.items()}
+  for i in range(n - 1):   # slice i is torch's block i, transposed as every Linear
+    np.testing.assert_array_equal(body['resblocks']['mlp']['c_fc']['kernel'][i],
+                                  t[f'visual.transformer.resblocks.{i}.mlp.c_fc.weight'].T)
+  mapping.check_params(stacked, cfg)
+  assert_same(cv.flax_to_torch(stacked, cfg), tiny_sd)
+
+
 def test_vit_b32_infer_round_trip_and_strict_load(open_clip, tmp_path):
   model = randomize(open_clip.create_model('ViT-B-32'), seed=3)
   sd = model.state_dict()

@@ -3,9 +3,10 @@
 import json
 import os
 
+import jax
 import pytest
 
-from cosmos_jax import config_cli, hostenv
+from cosmos_jax import config_cli, xla_cpu
 from cosmos_jax.train import loop
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py')
@@ -110,7 +111,8 @@ def test_missing_training_data_is_named(tmp_path):
 
 
 def test_rehoming_the_state_after_the_first_step_changes_no_number(tmp_path, monkeypatch):
-  """With the huge-page tunable set, the loop copies the state after step 1 (hostenv)."""
+  """The loop hands the state to the backend once, after step 1 (``CpuTuning``); a backend
+  that copies it there (XLA:CPU's huge-page re-homing) changes no number."""
   def losses(name):
     config = tiny_config(total_steps=3)
     config.eval.tasks = ()
@@ -118,11 +120,10 @@ def test_rehoming_the_state_after_the_first_step_changes_no_number(tmp_path, mon
     records = [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
     return [r['total_loss'] for r in records if 'total_loss' in r]
 
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
   copies = []
-  real = hostenv.rehome_state
-  monkeypatch.setattr(hostenv, 'rehome_state', lambda t: copies.append(1) or real(t))
+  copy = lambda self, t: copies.append(1) or jax.tree.map(lambda a: a.copy(), t)
+  monkeypatch.setattr(xla_cpu.CpuTuning, 'after_first_step', copy)
   rehomed = losses('rehomed')
   assert copies == [1]
-  monkeypatch.delenv('GLIBC_TUNABLES')
+  monkeypatch.undo()
   assert rehomed == losses('plain') and len(rehomed) == 3

@@ -1,20 +1,18 @@
-"""The towers' training shortcuts change nothing: the CPU stack workarounds (stored cotangents
-between blocks; the scanned stack with remat) and the last block computed only where it is read
-(``token_stride``) give the plain unrolled forward's values and gradients, for the student and
-the teacher. The stored cotangents survive XLA's simplifier and keep the backward's fusions
-small."""
+"""The towers' training forms change nothing. The last block computed only where it is read
+(``models/cosmos.py``), the XLA:CPU body (stored cotangents between blocks; the scanned stack
+with remat), the scanned layers (``model.scan_layers``) and each attention kernel that runs on
+CPU give the plain unrolled forward's values and gradients, for the student and the teacher."""
 
 import dataclasses
-import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cosmos_jax import models
-from cosmos_jax.models import CLIP, layers
+from cosmos_jax.models import CLIP, cosmos
+from cosmos_jax.xla_cpu.stack import CpuBlockStack
 
 TINY = models.get_variant('tiny')
 
@@ -37,104 +35,87 @@ def batch(b=3, seed=0):
           jnp.asarray(text))
 
 
-def plain_towers(monkeypatch):
-  """Turns every shortcut off: full last blocks (tokens then strided), no CPU workarounds."""
-  from cosmos_jax.models import text, vision
-  orig_v, orig_t = vision.VisionTransformer.__call__, text.TextTransformer.__call__
-
-  def strided(aux, s):
-    return aux if s is None else dict(aux, tokens=aux['tokens'][::s] if s else aux['tokens'][:0])
-
-  def v_call(self, x, *, csa=False, token_stride=None, differentiated=False):
-    pooled, aux = orig_v(self, x, csa=csa)
-    return pooled, strided(aux, token_stride)
-
-  def t_call(self, x, *, token_stride=None, differentiated=False):
-    pooled, aux = orig_t(self, x)
-    return pooled, strided(aux, token_stride)
-
-  monkeypatch.setattr(vision.VisionTransformer, '__call__', v_call)
-  monkeypatch.setattr(text.TextTransformer, '__call__', t_call)
+def every_position(transformer, x, pool_index, full_stride):
+  """The reference for ``_last_block_where_read``: every row through every block in full."""
+  full = transformer(x)
+  pooled = jnp.take_along_axis(full, pool_index[:, None, None], axis=1)[:, 0]
+  return (full[::full_stride] if full_stride else full[:0]), pooled
 
 
-@pytest.mark.parametrize('n_layers,remat', [(2, False), (6, False), (6, True)])
-def test_student_and_teacher_match_the_plain_forward(n_layers, remat, monkeypatch):
-  monkeypatch.setattr(layers, 'cpu_stack_workarounds_here', lambda: True)   # 8 host devices
-  cfg = deep_tiny(n_layers)
-  model = CLIP(cfg, remat=remat)
-  params = models.init_params(cfg, jax.random.key(0))
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
-  g, l, t = batch()
+def student_and_teacher(model, params, inputs):
+  g, l, t = inputs
 
   def run(p):
     s = model.apply({'params': p}, g, l, t, method=CLIP.student)
-    te = model.apply({'params': p}, g, t, method=CLIP.teacher)
+    te = model.clone(stack=None).apply({'params': p}, g, t, method=CLIP.teacher)
     loss = sum(jnp.sum(jnp.sin(3 * x)) for x in jax.tree.leaves((s, te)))
     return loss, (s, te)
 
-  (_, out), grads = jax.value_and_grad(run, has_aux=True)(params)
+  return jax.value_and_grad(run, has_aux=True)(params)
+
+
+FORMS = {   # name: CLIP keyword arguments
+    'last_block_where_read': {},
+    'cpu_stack': {'stack': CpuBlockStack()},
+    'scan_layers': {'scan_layers': True},
+    'cpu_custom_attention': {'attention': 'cpu_custom', 'stack': CpuBlockStack()},
+}
+
+
+@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('n_layers,remat', [(2, False), (6, False), (6, True)])
+def test_student_and_teacher_match_the_plain_forward(n_layers, remat, form, monkeypatch):
+  if form == 'cpu_custom_attention' and (n_layers, remat) != (6, False):
+    pytest.skip('one depth is enough for the kernel (tests/test_attention.py has the rest)')
+  cfg = deep_tiny(n_layers)
+  params = models.init_params(cfg, jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
+  kwargs = FORMS[form]
+  scanned = kwargs.get('scan_layers', False)
+  (_, out), grads = student_and_teacher(CLIP(cfg, remat=remat, **kwargs),
+                                        models.stack_layers(params) if scanned else params,
+                                        batch())
+  if scanned:
+    assert models.is_stacked(grads)
+    grads = models.unstack_layers(grads)
   with monkeypatch.context() as m:
-    plain_towers(m)
-    (_, ref_out), ref_grads = jax.value_and_grad(run, has_aux=True)(params)
+    m.setattr(cosmos, '_last_block_where_read', every_position)
+    (_, ref_out), ref_grads = student_and_teacher(CLIP(cfg), params, batch())
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref_grads))
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, atol=1e-5 * scale)
 
 
-def test_token_stride_returns_view_zero_tokens(monkeypatch):
-  monkeypatch.setattr(layers, 'cpu_stack_workarounds_here', lambda: True)
+def test_text_views_return_the_tokens_of_view_zero():
   cfg = deep_tiny(6)
   model = CLIP(cfg)
   params = models.init_params(cfg, jax.random.key(0))
   _, _, t = batch()
   rows = t.reshape(-1, 77)
-  full, aux = model.apply({'params': params}, rows, method=CLIP.encode_text)
-  short, aux_s = model.apply({'params': params}, rows, token_stride=8, differentiated=True,
-                             method=CLIP.encode_text)
-  np.testing.assert_allclose(short, full, atol=1e-6)
-  np.testing.assert_allclose(aux_s['tokens'], aux['tokens'][::8], atol=1e-5)
-  _, aux_0 = model.apply({'params': params}, rows, token_stride=0, method=CLIP.encode_text)
-  assert aux_0['tokens'].shape[0] == 0
+  full, aux = model.apply({'params': params}, rows, normalize=False, method=CLIP.encode_text)
+  pooled, tokens = model.apply({'params': params}, rows, 8, method=CLIP.text_views)
+  np.testing.assert_allclose(pooled, full, atol=1e-5)
+  np.testing.assert_allclose(tokens, aux['tokens'][::8], atol=1e-5)
+  _, none = model.apply({'params': params}, rows, 0, method=CLIP.text_views)
+  assert none.shape[0] == 0
 
 
-def test_cpu_workarounds_only_on_a_single_cpu_device():
-  # conftest forces 8 host devices: the scan's collectives would deadlock there.
-  assert jax.device_count() > 1 and not layers.cpu_stack_workarounds_here()
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_the_one_trip_copy_is_exact(dtype):
-  x = jnp.asarray([[-0.0, 1.5, -jnp.inf], [jnp.nan, 3e-38, 7.0]], dtype)
-  for value in (x, x[::-1]):   # NaN first: two trips
-    out = jax.jit(layers._one_trip_copy)(value)
-    assert out.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(value, np.float32))
-    assert np.array_equal(np.signbit(np.asarray(out, np.float32)),
-                          np.signbit(np.asarray(value, np.float32)))
-  assert jax.jit(layers._one_trip_copy)(jnp.zeros((0, 3), dtype)).shape == (0, 3)
-  g = jax.grad(lambda v: jnp.sum(jnp.sin(layers.store_cotangent(v))))(jnp.arange(4.0))
-  np.testing.assert_allclose(g, np.cos(np.arange(4.0)), rtol=1e-6)
-
-
-def _stack_backward_hlo(n_layers, workaround, monkeypatch):
-  monkeypatch.setattr(layers, 'cpu_stack_workarounds_here', lambda: workaround)
-  stack = layers.Transformer(n_layers, 2)
-  x = jnp.ones((2, 9, 16))
-  params = nn.Module.init(stack, jax.random.key(0), x)   # its ``init`` field shadows the method
-  loss = lambda p, x: jnp.sum(jnp.sin(stack.apply(p, x, differentiated=True)))
-  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
-
-
-def test_stored_cotangents_survive_compilation_and_keep_fusions_small(monkeypatch):
-  n_layers = 12
-  hlo = _stack_backward_hlo(n_layers, True, monkeypatch)
-  assert len(re.findall(r' while\(', hlo)) == n_layers   # one per block boundary, none folded
-  widest = lambda text: max(len(re.findall(r'%[\w.\-]+', m.group(1)))
-                            for m in re.finditer(r' fusion\(([^)]*)\)', text))
-  # Without them XLA:CPU fuses the running cotangent sum into every block: fusions read the
-  # LayerNorm and projection gradients of all later blocks at once.
-  plain = widest(_stack_backward_hlo(n_layers, False, monkeypatch))
-  stored = widest(hlo)
-  assert stored * 3 < plain, (stored, plain)
+def test_stacking_round_trips_and_matches_the_scanned_models_own_layout():
+  cfg = deep_tiny(4)
+  params = models.init_params(cfg, jax.random.key(0))
+  stacked = models.stack_layers(params)
+  body = stacked['visual']['transformer']
+  assert sorted(body) == ['resblocks', 'resblocks_3']
+  assert body['resblocks']['attn']['in_proj_weight'].shape[0] == 3
+  scanned_shapes = jax.eval_shape(
+      lambda: models.init_boxed_params(cfg, jax.random.key(0), scan_layers=True))
+  from flax import linen as nn
+  assert (jax.tree.map(lambda x: x.shape, nn.unbox(scanned_shapes))
+          == jax.tree.map(lambda x: x.shape, stacked))
+  jax.tree.map(np.testing.assert_array_equal, models.unstack_layers(stacked), params)
+  assert models.unstack_layers(params) is not None and not models.is_stacked(params)
+  jax.tree.map(np.testing.assert_array_equal, models.init_params(cfg, jax.random.key(0), True),
+               stacked)

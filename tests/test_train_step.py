@@ -14,6 +14,7 @@ import pytest
 from cosmos_jax import models
 from cosmos_jax.convert.mapping import flax_to_torch, torch_to_flax
 from cosmos_jax.train import optim, partition, state as state_lib, step as step_lib
+from cosmos_jax.xla_cpu.donation import InPlaceOrdering
 
 torch = pytest.importorskip('torch')
 ref = pytest.importorskip('torch_reference')
@@ -194,8 +195,8 @@ def test_donated_state_is_updated_in_place(distill):
   """On one CPU device, the compiled step copies no donated parameter array before updating it.
 
   XLA copies a donated leaf whose readers are not all data inputs of its update: the teacher
-  (read by the teacher forward) always, and without ``in_place_student`` the student (read by
-  the backward and the EMA). Scalars (the logit scales, which are clamped) may be copied.
+  (read by the teacher forward) always, and without XLA:CPU's ``InPlaceOrdering`` the student
+  (read by the backward and the EMA). Scalars (the logit scales, which are clamped) may be copied.
   """
   tx, schedule = optim.make_optimizer(1e-3, 0.9, 0.98, 1e-8, 0.5, 1, 10)
   mesh = partition.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -205,9 +206,10 @@ def test_donated_state_is_updated_in_place(distill):
   batch = jax.device_put(make_batch(0, normalized=False), partition.batch_sharding(mesh))
 
   def copied(in_place_student):
-    step_cfg = step_lib.StepConfig(distill=distill, in_place_student=in_place_student)
+    step_cfg = step_lib.StepConfig(distill=distill)
+    ordering = InPlaceOrdering() if in_place_student else step_lib.UpdateOrdering()
     fn = step_lib.jit_train_step(
-        step_lib.make_train_step(models.CLIP(cfg), tx, schedule, step_cfg),
+        step_lib.make_train_step(models.CLIP(cfg), tx, schedule, step_cfg, ordering),
         shardings, partition.batch_sharding(mesh))
     with jax.set_mesh(mesh):
       hlo = fn.lower(state, batch).compile().as_text()

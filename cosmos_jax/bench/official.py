@@ -52,7 +52,9 @@ def time_official_step(repo: str, config: Any, repeats: int = 5) -> dict[str, An
      'official_threads', 'official_matmul_flops_per_s'} (the last: torch's float32
     2048 x 2048 ``torch.mm`` rate in the same process, the matmul peak it runs against).
   """
-  from cosmos_jax import hostenv, models   # here, so the worker below never imports JAX
+  # Imported here, so that the worker below never imports JAX.
+  from cosmos_jax import models
+  from cosmos_jax.xla_cpu import host as xla_cpu_host
 
   src = os.path.join(os.path.abspath(repo), 'src')
   if not os.path.isdir(os.path.join(src, 'open_clip')) or \
@@ -74,7 +76,7 @@ def time_official_step(repo: str, config: Any, repeats: int = 5) -> dict[str, An
   # official step runs as its own users run it.
   proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(spec),
                         capture_output=True, text=True, cwd=os.path.dirname(src),
-                        env=hostenv.caller_environment())
+                        env=xla_cpu_host.caller_environment())
   lines = proc.stdout.strip().splitlines()
   if proc.returncode or not lines:
     raise RuntimeError(f'the official step failed (exit {proc.returncode}):\n'

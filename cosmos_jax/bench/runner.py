@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cosmos_jax import config as config_lib
-from cosmos_jax import hostenv
+from cosmos_jax.xla_cpu import host as xla_cpu_host
 from cosmos_jax.bench import flops as flops_lib
 from cosmos_jax.bench import memory as memory_lib
 from cosmos_jax.bench.peak import matmul_peak
@@ -54,9 +54,9 @@ def machine_info() -> dict[str, Any]:
   return {'backend': jax.default_backend(), 'device_kind': devices[0].device_kind,
           'device_count': len(devices), 'process_count': jax.process_count(),
           'cpu_model': cpu_model(), 'cpu_cores': cores, 'jax_version': jax.__version__,
-          'host_huge_pages': hostenv.huge_pages_active(),
-          'host_malloc_arenas_kept': hostenv.arena_tuning_active(),
-          'host_block_cache': hostenv.block_cache_active()}
+          'host_huge_pages': xla_cpu_host.huge_pages_active(),
+          'host_malloc_arenas_kept': xla_cpu_host.arena_tuning_active(),
+          'host_block_cache': xla_cpu_host.block_cache_active()}
 
 
 def _peak(config: ml_collections.ConfigDict, mesh, repeats: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from cosmos_jax.models.stacking import stack_layers, unstack_layers
 from cosmos_jax.models.variants import VARIANTS, ModelConfig, TextConfig, VisionConfig
 
 
@@ -218,17 +219,20 @@ def _check(got: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], side
 
 
 def check_params(params: Mapping[str, Any], config: ModelConfig) -> None:
-  """Raises ConversionError unless the Flax tree has exactly the parameters of `config`."""
-  _check(traverse_util.flatten_dict(params, sep='/'), flax_shapes(config), 'Flax params', config)
+  """Raises ConversionError unless the Flax tree has exactly the parameters of `config`
+  (in either block layout: ``models/stacking.py``)."""
+  _check(traverse_util.flatten_dict(unstack_layers(params), sep='/'), flax_shapes(config),
+         'Flax params', config)
 
 
 def flax_to_torch(params: Mapping[str, Any], config: ModelConfig,
                   dtype: Any = None) -> dict[str, np.ndarray]:
   """Flax params (nested dict) -> open_clip/COSMOS state dict of numpy arrays.
 
-  `dtype=None` keeps each array's dtype; otherwise floating arrays are cast to it.
+  `dtype=None` keeps each array's dtype; otherwise floating arrays are cast to it. Scanned
+  parameters (``model.scan_layers``) are unstacked into the torch keys of each block.
   """
-  flat = traverse_util.flatten_dict(params, sep='/')
+  flat = traverse_util.flatten_dict(unstack_layers(_numpy_tree(params)), sep='/')
   table = key_table(config)
   _check(flat, {e.flax: e.flax_shape for e in table}, 'Flax params', config)
   out = {}
@@ -240,11 +244,12 @@ def flax_to_torch(params: Mapping[str, Any], config: ModelConfig,
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], config: ModelConfig,
-                  dtype: Any = np.float32) -> dict[str, Any]:
+                  dtype: Any = np.float32, *, scan_layers: bool = False) -> dict[str, Any]:
   """open_clip/COSMOS state dict (torch tensors or arrays) -> nested dict of numpy arrays.
 
   Floating arrays are cast to `dtype` (float32 by default; bfloat16 sources are read through
   float32); `dtype=None` keeps the source dtype, bfloat16 as `ml_dtypes.bfloat16`.
+  ``scan_layers``: the blocks in the scanned layout (``models/stacking.py``).
   """
   table = key_table(config)
   _check(state_dict, {e.torch: e.torch_shape for e in table}, 'state dict', config)
@@ -253,7 +258,13 @@ def torch_to_flax(state_dict: Mapping[str, Any], config: ModelConfig,
     perm = TRANSFORMS[INVERSE[e.transform]]
     x = _cast(_to_numpy(state_dict[e.torch]), dtype)
     flat[e.flax] = np.asarray(x if perm is None else x.transpose(perm), order='C')
-  return traverse_util.unflatten_dict(flat, sep='/')
+  params = traverse_util.unflatten_dict(flat, sep='/')
+  return stack_layers(params) if scan_layers else params
+
+
+def _numpy_tree(params: Mapping[str, Any]) -> Any:
+  """Leaves as numpy arrays (unstacking then slices on the host, not on a device)."""
+  return {k: _numpy_tree(v) if isinstance(v, Mapping) else _to_numpy(v) for k, v in params.items()}
 
 
 def has_cosmos_keys(state_dict: Mapping[str, Any]) -> bool:

@@ -10,17 +10,20 @@ import jax
 import jax.numpy as jnp
 
 from cosmos_jax.models.cosmos import CLIP
+from cosmos_jax.models.stacking import is_stacked, stack_layers, unstack_layers
 from cosmos_jax.models.variants import (VARIANTS, ModelConfig, TextConfig, VisionConfig,
                                         from_open_clip_json, get_variant)
 
 __all__ = ['CLIP', 'VARIANTS', 'ModelConfig', 'TextConfig', 'VisionConfig', 'build_model',
-           'from_open_clip_json', 'get_variant', 'init_params', 'init_boxed_params']
+           'from_open_clip_json', 'get_variant', 'init_params', 'init_boxed_params', 'is_stacked',
+           'stack_layers', 'unstack_layers']
 
 
-def build_model(config: ModelConfig | str, *, dtype: Any = jnp.float32, remat: bool = False) -> CLIP:
+def build_model(config: ModelConfig | str, *, dtype: Any = jnp.float32, remat: bool = False,
+                attention: str = 'xla', scan_layers: bool = False) -> CLIP:
   if isinstance(config, str):
     config = get_variant(config)
-  return CLIP(config, dtype=dtype, remat=remat)
+  return CLIP(config, dtype=dtype, remat=remat, attention=attention, scan_layers=scan_layers)
 
 
 def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -29,12 +32,18 @@ def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, jax.Array]:
           jnp.zeros((1, 1, config.text.context_length), jnp.int32))
 
 
-def init_boxed_params(config: ModelConfig, rng: jax.Array) -> Any:
-  """Parameters with their logical-axis boxes (``nn.LogicallyPartitioned``), for sharding."""
-  return CLIP(config).init(rng, *_dummy_inputs(config), method=CLIP.init_all)['params']
+def init_boxed_params(config: ModelConfig, rng: jax.Array, scan_layers: bool = False) -> Any:
+  """Parameters with their logical-axis boxes (``nn.LogicallyPartitioned``), for sharding
+  (their shapes and names; values come from ``init_params``)."""
+  return CLIP(config, scan_layers=scan_layers).init(rng, *_dummy_inputs(config),
+                                                    method=CLIP.init_all)['params']
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-  """Plain float32 parameters, initialised with the reference's distributions (spec 1.7)."""
-  return nn.unbox(init_boxed_params(config, rng))
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_params(config: ModelConfig, rng: jax.Array, scan_layers: bool = False) -> dict:
+  """Plain float32 parameters, initialised with the reference's distributions (spec 1.7).
+
+  ``scan_layers``: the same values, in the scanned layout (``stacking.py``).
+  """
+  params = nn.unbox(init_boxed_params(config, rng))
+  return stack_layers(params) if scan_layers else params

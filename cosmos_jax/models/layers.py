@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -121,12 +121,14 @@ class MultiheadAttention(nn.Module):
   ``nn.MultiheadAttention(d, h, kdim=d, vdim=d)`` does. ``causal``: query at position p sees
   keys 0..p; ``query_positions`` (B, Q) gives those positions when the queries are a subset
   of the key positions (default 0..Q-1). ``csa=True``: SCLIP's correlative self-attention,
-  softmax(q q^T s) + softmax(k k^T s), used for segmentation only.
+  softmax(q q^T s) + softmax(k k^T s), used for segmentation only. ``attention`` names the
+  kernel (``attention.py``).
   """
   num_heads: int
   in_proj_std: Optional[float] = None   # None: xavier_uniform (torch default)
   out_proj_std: Optional[float] = None  # None: kaiming_uniform(a=√5) (torch default)
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: Optional[jax.Array] = None, *, causal: bool = False,
@@ -156,12 +158,9 @@ class MultiheadAttention(nn.Module):
       probs = softmax(q, q) + softmax(k, k)
       out = jnp.einsum('bhqk,bkhc->bqhc', probs.astype(self.dtype), v)
     else:
-      mask = None
-      if causal:
-        if query_positions is None:
-          query_positions = jnp.arange(q.shape[1])[None]
-        mask = (jnp.arange(k.shape[1]) <= query_positions[..., None])[:, None]
-      out = dot_product_attention(q, k, v, mask, scale, self.dtype)
+      out = dot_product_attention(q, k, v, scale=scale, dtype=self.dtype, causal=causal,
+                                  query_positions=query_positions,
+                                  implementation=self.attention)
     out = out.reshape(out.shape[:2] + (d,))
     out_init = torch_linear_kernel if self.out_proj_std is None else normal(self.out_proj_std)
     return Linear(d, ('heads', 'embed'), out_init, nn.initializers.zeros, self.dtype,
@@ -169,8 +168,8 @@ class MultiheadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """``c_fc`` -> exact GELU -> ``c_proj``."""
-  hidden: int
+  """``c_fc`` -> exact GELU -> ``c_proj``, the hidden width ``mlp_ratio`` times the input's."""
+  mlp_ratio: float = 4.0
   fc_std: Optional[float] = None
   proj_std: Optional[float] = None
   dtype: Dtype = jnp.float32
@@ -180,7 +179,8 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     fc_init = None if self.fc_std is None else normal(self.fc_std)
     proj_init = None if self.proj_std is None else normal(self.proj_std)
-    x = Linear(self.hidden, ('embed', 'mlp'), fc_init, dtype=self.dtype, name='c_fc')(x)
+    x = Linear(int(d * self.mlp_ratio), ('embed', 'mlp'), fc_init, dtype=self.dtype,
+               name='c_fc')(x)
     x = constrain(gelu(x), ('batch', 'length', 'mlp'))
     return Linear(d, ('mlp', 'embed'), proj_init, dtype=self.dtype, name='c_proj')(x)
 
@@ -195,78 +195,60 @@ class ResidualAttentionBlock(nn.Module):
   mlp_ratio: float = 4.0
   init: BlockInit = BlockInit()
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'
+  causal: bool = False
 
-  @nn.compact
-  def __call__(self, x: jax.Array, causal: bool = False, csa: bool = False,
+  def setup(self):
+    self.ln_1 = LayerNorm()
+    self.attn = MultiheadAttention(self.num_heads, self.init.attn_std, self.init.proj_std,
+                                   self.dtype, self.attention)
+    self.ln_2 = LayerNorm()
+    self.mlp = Mlp(self.mlp_ratio, self.init.fc_std, self.init.proj_std, self.dtype)
+
+  def __call__(self, x: jax.Array, csa: bool = False,
                query_index: Optional[jax.Array] = None) -> jax.Array:
-    d = x.shape[-1]
     x = constrain(x, ('batch', 'length', 'embed'))
-    attn = MultiheadAttention(self.num_heads, self.init.attn_std, self.init.proj_std, self.dtype,
-                              name='attn')
-    h = LayerNorm(name='ln_1')(x)
+    h = self.ln_1(x)
     if query_index is None:
-      x = x + attn(h, causal=causal, csa=csa)
+      x = x + self.attn(h, causal=self.causal, csa=csa)
     else:
       at = lambda t: jnp.take_along_axis(t, query_index[:, None, None], axis=1)
-      x = at(x) + attn(at(h), h, causal=causal, query_positions=query_index[:, None])
-    mlp = Mlp(int(d * self.mlp_ratio), self.init.fc_std, self.init.proj_std, self.dtype, name='mlp')
-    return x + mlp(LayerNorm(name='ln_2')(x))
+      x = at(x) + self.attn(at(h), h, causal=self.causal, query_positions=query_index[:, None])
+    return x + self.mlp(self.ln_2(x))
 
 
-# XLA:CPU and deep differentiated stacks. Left alone, the backward's residual-stream cotangent
-# (a running sum over every later block's LayerNorm and input-projection gradients) is fused,
-# not stored, into each block's consumers: work quadratic in depth (ViT-B/16: ~25% of the
-# step). On one CPU device the differentiated forwards (``differentiated=True``, the student)
-# therefore store that cotangent between blocks; with ``remat`` they run the blocks as a
-# lax.scan instead, the one form in which XLA:CPU keeps remat's recomputation (unrolled, it
-# merges it with the forward again and nothing is saved). Forward-only passes gain nothing.
+class _ScannedBlock(ResidualAttentionBlock):
+  """One step of ``nn.scan`` over the body: (carry, None) -> (carry, None)."""
+
+  def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+    return ResidualAttentionBlock.__call__(self, x), None
 
 
-def cpu_stack_workarounds_here() -> bool:
-  """Only on a single CPU device: the fusion problem is XLA:CPU's. On several host devices the
-  scan's collectives starve the thread pool the devices share (deadlock), and the stored
-  cotangent's trip count (its first element) would take a collective of its own."""
-  return jax.default_backend() == 'cpu' and jax.device_count() == 1
+class BlockStack:
+  """How a tower runs its body (every block but the last): one block after another.
 
-
-def _one_trip_copy(x: jax.Array) -> jax.Array:
-  """x, passed through a while loop of one trip that XLA cannot count at compile time.
-
-  A loop's operands and results are whole buffers, so nothing is fused across it: the fusion
-  barrier XLA:CPU honours (it expands ``optimization_barrier`` before fusing). The trip count
-  is 2 when x's first element is NaN, with the same result.
+  A backend may pass its own form to the model (``CLIP.stack``; XLA:CPU's is in
+  ``cosmos_jax/xla_cpu/stack.py``); every form gives the same values and gradients.
+  ``template`` is an unbound block of the same configuration, for forms that apply the blocks'
+  parameters themselves.
   """
-  if not x.size:
+
+  def __call__(self, blocks: Sequence[nn.Module], x: jax.Array, *, remat: bool,
+               template: nn.Module) -> jax.Array:
+    for block in blocks:
+      x = block(x)
     return x
-  trips = 1 + jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
-
-  def body(carry):
-    i, y = carry
-    # A float product by a loop-dependent 1: XLA cannot fold it, so y is not loop-invariant
-    # (an invariant carry would be forwarded past the loop, barrier and all).
-    return i + 1, y * (1 + 0 * i.astype(y.dtype))
-
-  return jax.lax.while_loop(lambda carry: carry[0] < trips, body, (jnp.int32(0), x))[1]
-
-
-@jax.custom_vjp
-def store_cotangent(x: jax.Array) -> jax.Array:
-  """Identity whose backward stores the cotangent whole (``_one_trip_copy``)."""
-  return x
-
-
-store_cotangent.defvjp(lambda x: (x, None), lambda _, g: (_one_trip_copy(g),))
 
 
 class Transformer(nn.Module):
-  """``resblocks_{i}``; ``csa_last`` swaps the last block's attention for CSA (residual, MLP kept).
+  """``resblocks_{i}``: the body (blocks 0..L-2) and the last block, callable apart.
 
-  ``pool_index`` (N,) with ``token_stride`` s, for the training forwards, where most rows are
-  only read at one position (CLS or EOT): rows 0, s, 2s, ... (view 0 of each sample, rows
-  being sample-major with s views) need every position, the others only ``pool_index``
-  (s = 0: no row needs every position). The last block then computes the other rows at that
-  position only. Returns (the N/s full rows (or none) after all blocks, the (N, D) states at
-  ``pool_index``) instead of x.
+  The towers' training forwards read most rows at one position only (CLS or EOT), so they run
+  ``body`` and then ``last`` with a ``query_index`` for those rows (``models/cosmos.py``).
+  ``scan_layers``: the body is one ``nn.scan`` over stacked parameters ``resblocks``
+  (leading axis L-1, logical name 'layers'), the last block stays ``resblocks_{L-1}``;
+  ``models/stacking.py`` converts between the two layouts. ``remat``: every block is
+  rematerialised. ``stack``: the body's form when not scanned (``BlockStack``).
   """
   layers: int
   num_heads: int
@@ -274,50 +256,49 @@ class Transformer(nn.Module):
   init: BlockInit = BlockInit()
   dtype: Dtype = jnp.float32
   remat: bool = False
+  causal: bool = False
+  attention: str = 'xla'
+  scan_layers: bool = False
+  stack: Optional[BlockStack] = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, causal: bool = False, csa_last: bool = False,
-               pool_index: Optional[jax.Array] = None, token_stride: int = 0,
-               differentiated: bool = False):
-    block_cls = nn.remat(ResidualAttentionBlock, static_argnums=(2, 3)) if self.remat \
-        else ResidualAttentionBlock
-    blocks = [block_cls(self.num_heads, self.mlp_ratio, self.init, self.dtype,
-                        name=f'resblocks_{i}') for i in range(self.layers)]
+  def _block_kwargs(self) -> dict:
+    return dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, init=self.init,
+                dtype=self.dtype, attention=self.attention, causal=self.causal)
+
+  def setup(self):
+    # The body's blocks are called as block(x); the last one always with every argument
+    # (``csa`` static under remat).
+    body_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+    last_cls = (nn.remat(ResidualAttentionBlock, static_argnums=(2,)) if self.remat
+                else ResidualAttentionBlock)
     n_body = self.layers - 1
-    workaround = (differentiated and not self.is_initializing()
-                  and cpu_stack_workarounds_here())
-    if workaround and self.remat and n_body > 1:
-      x = self._scan(blocks[:n_body], x, causal)
+    if self.scan_layers and n_body:
+      step = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+      self.resblocks = nn.scan(step, variable_axes={'params': 0}, split_rngs={'params': True},
+                               length=n_body, metadata_params={nn.PARTITION_NAME: 'layers'}
+                               )(**self._block_kwargs())
     else:
-      keep = store_cotangent if workaround else (lambda t: t)
-      for block in blocks[:n_body]:
-        x = block(keep(x), causal, False)
-      x = keep(x)
-    last = blocks[-1]
-    if pool_index is None:
-      return last(x, causal, csa_last)
-    if not token_stride:
-      return x[:0], last(x, causal, False, pool_index)[:, 0]
-    grouped = lambda t: t.reshape((-1, token_stride) + t.shape[1:])
-    full = last(grouped(x)[:, 0], causal, csa_last)
-    pooled = jnp.take_along_axis(full, grouped(pool_index)[:, 0, None, None], axis=1)
-    if token_stride > 1:
-      rest = grouped(x)[:, 1:].reshape((-1,) + x.shape[1:])
-      rest_index = grouped(pool_index)[:, 1:].reshape(-1)
-      rest = last(rest, causal, False, rest_index).reshape((-1, token_stride - 1, x.shape[-1]))
-      pooled = jnp.concatenate([pooled, rest], axis=1)
-    return full, pooled.reshape((-1, x.shape[-1]))
+      self.resblocks = [body_cls(**self._block_kwargs()) for _ in range(n_body)]
+    setattr(self, f'resblocks_{n_body}', last_cls(**self._block_kwargs()))
 
-  def _scan(self, blocks: list, x: jax.Array, causal: bool) -> jax.Array:
-    template = ResidualAttentionBlock(self.num_heads, self.mlp_ratio, self.init, self.dtype,
-                                      parent=None)
-    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[b.variables['params'] for b in blocks])
+  def body(self, x: jax.Array) -> jax.Array:
+    """x (B, L, D) through blocks 0..L-2."""
+    if self.layers == 1:
+      return x
+    if self.scan_layers:
+      return self.resblocks(x, None)[0]
+    if self.stack is None or self.is_initializing():
+      return BlockStack()(self.resblocks, x, remat=self.remat, template=None)
+    template = ResidualAttentionBlock(**self._block_kwargs(), parent=None)
+    return self.stack(self.resblocks, x, remat=self.remat, template=template)
 
-    def body(x, params):
-      return template.apply({'params': params}, x, causal), None
+  def last(self, x: jax.Array, *, csa: bool = False,
+           query_index: Optional[jax.Array] = None) -> jax.Array:
+    """The last block: (B, L, D), or (B, 1, D) at ``query_index`` (B,); ``csa``: SCLIP's."""
+    return getattr(self, f'resblocks_{self.layers - 1}')(x, csa, query_index)
 
-    x, _ = jax.lax.scan(jax.checkpoint(body), x, stacked)
-    return x
+  def __call__(self, x: jax.Array, *, csa_last: bool = False) -> jax.Array:
+    return self.last(self.body(x), csa=csa_last)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from cosmos_jax.models.cross import AttentionalCrossPooler
-from cosmos_jax.models.layers import LayerNorm, Transformer, constrain, logical, normal
+from cosmos_jax.models.layers import (BlockStack, LayerNorm, Transformer, constrain, logical,
+                                      normal)
 from cosmos_jax.models.posemb import resize_pos_embed
 from cosmos_jax.models.variants import VisionConfig
 
@@ -22,15 +23,17 @@ class VisionTransformer(nn.Module):
   Patch tokens are taken after ``ln_post`` and are not projected; other input sizes (the
   local crops) use positional embeddings resized exactly as the reference does.
   ``csa=True`` runs SCLIP's correlative self-attention in the last block (segmentation).
-  ``token_stride=s`` returns tokens of rows 0, s, 2s, ... only (none for 0) and skips the
-  positions nothing reads in the last block (``Transformer``); the pooled features are the same.
-  ``differentiated``: the forward is differentiated (the student's); see ``Transformer``.
+  The pieces (``embed``, ``transformer``, ``ln_post``, ``project``) are used apart by the
+  training forwards, which compute the last block only where it is read (``models/cosmos.py``).
   """
   config: VisionConfig
   embed_dim: int
   with_cross_pool: bool = False
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = 'xla'
+  scan_layers: bool = False
+  stack: Optional[BlockStack] = None
 
   def setup(self):
     c = self.config
@@ -47,33 +50,34 @@ class VisionTransformer(nn.Module):
         (c.grid_size ** 2 + 1, c.width), jnp.float32)
     self.ln_pre = LayerNorm()
     self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, dtype=self.dtype,
-                                   remat=self.remat)
+                                   remat=self.remat, attention=self.attention,
+                                   scan_layers=self.scan_layers, stack=self.stack)
     self.ln_post = LayerNorm()
     self.proj = self.param('proj', logical(width_init, ('embed', 'proj')),
                            (c.width, self.embed_dim), jnp.float32)
     if self.with_cross_pool:
-      self.attn_cross_pool = AttentionalCrossPooler(c.attn_pooler_heads, dtype=self.dtype)
+      self.attn_cross_pool = AttentionalCrossPooler(c.attn_pooler_heads, dtype=self.dtype,
+                                                    attention=self.attention)
 
-  def __call__(self, images: jax.Array, *, csa: bool = False,
-               token_stride: Optional[int] = None,
-               differentiated: bool = False) -> tuple[jax.Array, dict]:
+  def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """Patch embedding, CLS token, positional embedding and ``ln_pre``: (B, 1 + gh*gw, width)."""
     x = self.conv1(images.astype(self.dtype))
     b, gh, gw, w = x.shape
     x = x.reshape(b, gh * gw, w)
     cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, w))
     x = jnp.concatenate([cls, x], axis=1)
     x = x + resize_pos_embed(self.positional_embedding, (gh, gw)).astype(x.dtype)
-    x = self.ln_pre(x)
-    if token_stride is None:
-      x = self.ln_post(self.transformer(x, csa_last=csa, differentiated=differentiated))
-      cls = x[:, 0]
-    else:
-      x, cls = self.transformer(x, csa_last=csa, pool_index=jnp.zeros((b,), jnp.int32),
-                                token_stride=token_stride, differentiated=differentiated)
-      x, cls = self.ln_post(x), self.ln_post(cls)
+    return constrain(self.ln_pre(x), ('batch', 'length', 'embed')), (gh, gw)
+
+  def project(self, cls_state: jax.Array) -> jax.Array:
+    """The post-``ln_post`` CLS state (B, width) -> the embedding (B, E)."""
+    return jnp.dot(cls_state, self.proj.astype(self.dtype))
+
+  def __call__(self, images: jax.Array, *, csa: bool = False) -> tuple[jax.Array, dict]:
+    x, grid = self.embed(images)
+    x = self.ln_post(self.transformer(x, csa_last=csa))
     x = constrain(x, ('batch', 'length', 'embed'))
-    pooled = jnp.dot(cls, self.proj.astype(self.dtype))
-    return pooled, {'tokens': x[:, 1:], 'grid': (gh, gw)}
+    return self.project(x[:, 0]), {'tokens': x[:, 1:], 'grid': grid}
 
   def cross_pool(self, context: jax.Array, query: jax.Array) -> jax.Array:
     """``visual.attn_cross_pool``: text queries over (mapped) image patch tokens."""

@@ -8,6 +8,7 @@ for metrics.jsonl and TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import os
@@ -19,7 +20,7 @@ from jax.sharding import Mesh
 
 from cosmos_jax.data.synthetic import SyntheticConfig
 from cosmos_jax.eval import report, run
-from cosmos_jax.models import ModelConfig
+from cosmos_jax.models import ModelConfig, unstack_layers
 from cosmos_jax.train import distributed
 from cosmos_jax.train.from_config import compute_dtype
 
@@ -51,13 +52,15 @@ class InLoopEval:
     scalars: dict[str, float] = {}
     primary = distributed.is_primary()
     for tree in self.trees:
-      # Every host takes part in the sharded encoders; only the primary keeps the files.
-      out_dir = self.out_dir(step, tree) if primary else tempfile.mkdtemp()
       params = state['params'] if tree == 'student' else state['teacher_params']
       logging.info('step %d: evaluating the %s', step, tree)
-      results = run.run(self.model_config, params, self.tasks, out_dir, mesh=self.mesh,
-                        dtype=self.dtype, batch_size=self.batch_size,
-                        synthetic_config=self.synthetic, progress=primary)
+      # Every host takes part in the sharded encoders; only the primary keeps the files.
+      with contextlib.ExitStack() as scratch:
+        out_dir = (self.out_dir(step, tree) if primary
+                   else scratch.enter_context(tempfile.TemporaryDirectory()))
+        results = run.run(self.model_config, unstack_layers(params), self.tasks, out_dir,
+                          mesh=self.mesh, dtype=self.dtype, batch_size=self.batch_size,
+                          synthetic_config=self.synthetic, progress=primary)
       for task, dataset, metric, value in report.rows(results):
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
           scalars[f'eval/{tree}/{task}/{dataset}/{metric}'] = float(value)

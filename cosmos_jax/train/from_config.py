@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +11,10 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from cosmos_jax import config as config_lib
-from cosmos_jax import models
+from cosmos_jax import models, xla_cpu
 from cosmos_jax.data import augment, captions, pipeline
 from cosmos_jax.data.sources import open_source
+from cosmos_jax.models import attention as attention_lib
 from cosmos_jax.train import optim, partition
 from cosmos_jax.train import state as state_lib
 from cosmos_jax.train import step as step_lib
@@ -38,34 +39,58 @@ class StepBuild:
   shardings: dict
   batch_sharding: NamedSharding
   train_step: Callable   # jitted, the state donated
+  tuning: xla_cpu.CpuTuning
+
+  def after_first_step(self, state: dict) -> dict:
+    """Called once the first step has run (compiled): the backend's chance to re-home it."""
+    return self.tuning.after_first_step(state)
 
   def abstract_state(self) -> dict:
     """ShapeDtypeStructs with the state's shardings (a restore target; allocates nothing)."""
     return state_lib.abstract_state(self.shardings, self.model, self.tx,
-                                    with_teacher=self.model.cosmos)
+                                    with_teacher=self.model.cosmos,
+                                    scan_layers=self.config.model.scan_layers)
 
   def init_state(self, seed: int) -> dict:
     init = jax.jit(lambda key: state_lib.init_state(self.model, self.tx, key,
-                                                    with_teacher=self.model.cosmos),
+                                                    with_teacher=self.model.cosmos,
+                                                    scan_layers=self.config.model.scan_layers),
                    out_shardings=self.shardings)
     return init(jax.random.key(seed))
+
+
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices (not the default backend's: a TPU program compiled
+  ahead of time on a CPU host has TPU devices in its mesh)."""
+  return mesh.devices.flat[0].platform
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: Mesh,
+                tuning: Optional[xla_cpu.CpuTuning] = None) -> models.CLIP:
+  """The CLIP the step trains, with the kernels and body form chosen for the mesh."""
+  dtype = compute_dtype(config)
+  attention = attention_lib.resolve(config.model.attention, mesh_platform(mesh), dtype)
+  return models.CLIP(model_config(config), dtype=dtype, remat=config.model.remat,
+                     attention=attention, scan_layers=config.model.scan_layers,
+                     stack=tuning.stack if tuning else None)
 
 
 def build_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> StepBuild:
   mcfg = model_config(config)
   tx, schedule = optim.optimizer_from_config(config.optim, config.total_steps)
-  shardings = state_lib.state_shardings(mcfg, tx, mesh, config_lib.logical_rules(config),
-                                        with_teacher=mcfg.cosmos)
-  model = models.CLIP(mcfg, dtype=compute_dtype(config), remat=config.model.remat)
+  rules = config_lib.logical_rules(config)
+  shardings = state_lib.state_shardings(mcfg, tx, mesh, rules, with_teacher=mcfg.cosmos,
+                                        scan_layers=config.model.scan_layers)
+  tuning = xla_cpu.resolve(config.perf.cpu_tuning, mesh)
+  model = build_model(config, mesh, tuning)
   step_cfg = step_lib.StepConfig(distill=mcfg.cosmos, ema_momentum=config.ema.momentum,
                                  ema_schedule=config.ema.schedule, ema_final=config.ema.final,
-                                 total_steps=config.total_steps,
-                                 in_place_student=(mesh.devices.size == 1
-                                                   and mesh.devices.flat[0].platform == 'cpu'))
+                                 total_steps=config.total_steps, mesh=mesh, rules=rules)
   batch_sh = partition.batch_sharding(mesh)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, schedule, step_cfg),
-                                       shardings, batch_sh)
-  return StepBuild(config, mesh, mcfg, tx, shardings, batch_sh, train_step)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, schedule, step_cfg, tuning.ordering),
+      shardings, batch_sh)
+  return StepBuild(config, mesh, mcfg, tx, shardings, batch_sh, train_step, tuning)
 
 
 def pipeline_config(config: ml_collections.ConfigDict) -> pipeline.PipelineConfig:

@@ -21,7 +21,6 @@ import jax
 import ml_collections
 
 from cosmos_jax import config as config_lib
-from cosmos_jax import hostenv
 from cosmos_jax.data import pipeline
 from cosmos_jax.train import checkpoint, distributed, partition, reporting
 from cosmos_jax.train.evaluation import InLoopEval
@@ -92,8 +91,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       while step < config.total_steps:
         batch = distributed.host_local_batch_to_global(next(data), batch_sh)
         state, metrics = train_step(state, batch)
-        if step == start_step:   # the first step compiled: now the state can stay on huge pages
-          state = hostenv.rehome_state(state)
+        if step == start_step:   # compiled and run once: the backend may re-home the state
+          state = build.after_first_step(state)
         step += 1
         # Checked every step (one host sync) so no checkpoint ever holds a non-finite state.
         last = check_finite(step, metrics)

@@ -7,34 +7,32 @@ mesh axes do not divide stays replicated rather than failing.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ('data', 'fsdp', 'model')
-BATCH_AXES = ('data', 'fsdp')
-
-Rules = Sequence[tuple[str, Any]]
-
-# Earlier rules win; a mesh axis is used at most once per array (flax's resolution).
-RULE_PRESETS: dict[str, list[tuple[str, Any]]] = {
-    'dp': [('batch', BATCH_AXES)],
-    'fsdp': [('batch', BATCH_AXES), ('embed', 'fsdp')],
-    'fsdp_tp': [('batch', BATCH_AXES), ('mlp', 'model'), ('qkv', 'model'), ('heads', 'model'),
-                ('vocab', 'model'), ('embed', 'fsdp')],
-}
+# The presets live at the bottom of the package, beside the config's check.
+from cosmos_jax.sharding_rules import (AXES, BATCH_AXES, RULE_PRESETS, Rules,  # noqa: F401
+                                       resolve_rules)
 
 
-def resolve_rules(rules: str | Rules) -> list[tuple[str, Any]]:
-  if isinstance(rules, str):
-    if rules not in RULE_PRESETS:
-      raise ValueError(f'unknown sharding rules preset {rules!r}; known: {", ".join(RULE_PRESETS)}')
-    return list(RULE_PRESETS[rules])
-  return [(str(name), tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules]
+@contextlib.contextmanager
+def activation_rules(mesh: Optional[Mesh], rules: Rules) -> Iterator[None]:
+  """While tracing a step: the models' ``constrain`` calls take effect on ``mesh``.
+
+  Flax's logical constraints are no-ops without a rules table and a mesh in context; inside
+  ``jit`` the mesh comes in as an abstract one.
+  """
+  if mesh is None or not rules:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+    yield
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

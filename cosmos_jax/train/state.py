@@ -16,9 +16,11 @@ from cosmos_jax.train import partition
 
 
 def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: partition.Rules, *, with_teacher: bool = True) -> dict:
+                    rules: partition.Rules, *, with_teacher: bool = True,
+                    scan_layers: bool = False) -> dict:
   """Shardings of the state: the teacher and the Adam moments carry the student's."""
-  boxed = jax.eval_shape(lambda: models.init_boxed_params(config, jax.random.key(0)))
+  boxed = jax.eval_shape(lambda: models.init_boxed_params(config, jax.random.key(0),
+                                                          scan_layers))
   params_sh = partition.logical_shardings(boxed, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, nn.unbox(boxed))
   opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_shapes, params_sh,
@@ -30,8 +32,8 @@ def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh:
 
 
 def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, *,
-               with_teacher: bool = True) -> dict:
-  params = models.init_params(config, rng)
+               with_teacher: bool = True, scan_layers: bool = False) -> dict:
+  params = models.init_params(config, rng, scan_layers)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
   if with_teacher:
     # An exact copy, as the reference's deepcopy(student).
@@ -50,10 +52,11 @@ def create_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def abstract_state(shardings: dict, config: ModelConfig, tx: optax.GradientTransformation, *,
-                   with_teacher: bool = True) -> dict:
+                   with_teacher: bool = True, scan_layers: bool = False) -> dict:
   """ShapeDtypeStructs carrying shardings: the restore target for a checkpoint."""
   shapes = jax.eval_shape(lambda: init_state(config, tx, jax.random.key(0),
-                                             with_teacher=with_teacher))
+                                             with_teacher=with_teacher,
+                                             scan_layers=scan_layers))
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                       shapes, shardings)
 

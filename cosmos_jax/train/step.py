@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from cosmos_jax.data.augment import normalize
 from cosmos_jax.losses import cosmos_objective
 from cosmos_jax.models import CLIP
 from cosmos_jax.train.ema import ema_update, momentum_at
+from cosmos_jax.train import partition
 
 LOGIT_SCALE_MAX = math.log(100)
 SCALE_NAMES = ('logit_scale', 'distill_logit_scale')
@@ -32,10 +34,27 @@ class StepConfig:
   ema_schedule: str = 'fixed'          # or 'cosine' (to ema_final over total_steps)
   ema_final: float = 1.0
   total_steps: int = 1
-  # Orders the student's update after its other readers so that XLA updates it in place (see
-  # ``train_step``). It reads one element of each teacher leaf, a collective where the leaf is
-  # sharded, so ``build_train_step`` turns it on for one-device CPU meshes only.
-  in_place_student: bool = False
+  # The step's mesh and logical-axis rules: the activations are constrained to the batch
+  # sharding through the rules; where the batch axes hold more than one device, the losses
+  # run per device with explicit collectives (``losses_sharded``). None: no constraints, the
+  # losses on global arrays.
+  mesh: Optional[Mesh] = None
+  rules: Sequence[tuple[str, Any]] = ()
+
+
+class UpdateOrdering:
+  """Where the update of the donated trees may be ordered after their other readers.
+
+  The identity here. A backend may order them so that its compiler updates the donated
+  state in place (XLA:CPU's: ``cosmos_jax/xla_cpu/donation.py``); values are unchanged.
+  """
+
+  def teacher_momentum(self, momentum: jax.Array, loss: jax.Array) -> jax.Array:
+    return momentum
+
+  def student_params(self, new_params: Any, grad_norm: jax.Array,
+                     new_teacher: Optional[Any]) -> Any:
+    return new_params
 
 
 def clamp_logit_scales(params: dict) -> dict:
@@ -46,34 +65,34 @@ def clamp_logit_scales(params: dict) -> dict:
   return params
 
 
-def _after(*scalars: jax.Array) -> jax.Array:
-  """A zero computed from ``scalars``, so that adding it orders an op after them (not folded
-  away by XLA; NaN only where a scalar is NaN, never for an infinite one)."""
-  return jnp.minimum(sum(jnp.abs(x) for x in scalars), 0)
-
-
 def _images(x: jax.Array) -> jax.Array:
   """uint8 crops from the pipeline are normalised on device; float input is taken as is."""
   return normalize(x) if x.dtype == jnp.uint8 else x
 
 
 def make_train_step(model: CLIP, tx: optax.GradientTransformation,
-                    schedule: Callable[[Any], Any], cfg: StepConfig) -> Callable:
+                    schedule: Callable[[Any], Any], cfg: StepConfig,
+                    ordering: UpdateOrdering = UpdateOrdering()) -> Callable:
   """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
   batch: {'global': (B, 2, G, G, 3), 'local': (B, 6, L, L, 3), 'text': (B, 8, C)}.
+  ``model`` runs the student; the teacher's forward, never differentiated, runs the plain
+  stack of blocks.
   """
+  teacher_model = model.clone(stack=None)
 
   def loss_fn(params, teacher_params, batch):
     globals_, locals_ = _images(batch['global']), _images(batch['local'])
-    student = model.apply({'params': params}, globals_, locals_, batch['text'],
-                          method=CLIP.student)
-    teacher = None
-    if cfg.distill:
-      teacher = model.apply({'params': teacher_params}, globals_, batch['text'],
-                            method=CLIP.teacher)
-      teacher = jax.lax.stop_gradient(teacher)
-    return cosmos_objective(student, teacher, distill=cfg.distill)
+    with partition.activation_rules(cfg.mesh, cfg.rules):
+      student = model.apply({'params': params}, globals_, locals_, batch['text'],
+                            method=CLIP.student)
+      teacher = None
+      if cfg.distill:
+        teacher = teacher_model.apply({'params': teacher_params}, globals_, batch['text'],
+                                      method=CLIP.teacher)
+        teacher = jax.lax.stop_gradient(teacher)
+    return cosmos_objective(student, teacher, distill=cfg.distill, mesh=cfg.mesh,
+                            batch_axes=partition.BATCH_AXES)
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     params = state['params']
@@ -82,28 +101,17 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation,
                                                                          batch)
     grad_norm = optax.tree.norm(grads)
     new_state = dict(state)
-    # In-place updates of the donated trees. XLA writes a donated leaf in place only when all
-    # its readers come first in the data flow; otherwise it copies the leaf at the start of the
-    # step (ViT-B/16: 600 MB per tree). `_after` adds a zero that makes those readers inputs:
-    # the teacher forward (via the loss) for the EMA, and for the student the backward (via
-    # the gradient norm) and the EMA (via one element of each new teacher leaf).
     new_teacher = None
     if cfg.distill:
       momentum = momentum_at(state['step'], cfg.ema_momentum, cfg.ema_schedule, cfg.total_steps,
                              cfg.ema_final)
       new_teacher = clamp_logit_scales(
-          ema_update(teacher_params, params, momentum + _after(loss)))
+          ema_update(teacher_params, params, ordering.teacher_momentum(momentum, loss)))
       new_state['teacher_params'] = new_teacher
       metrics['ema_momentum'] = momentum
     updates, new_state['opt_state'] = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    if cfg.in_place_student:
-      if new_teacher is None:
-        new_params = jax.tree.map(lambda p: p + _after(grad_norm), new_params)
-      else:
-        first = lambda t: t.reshape(-1)[0] if t.size else jnp.zeros((), t.dtype)
-        new_params = jax.tree.map(lambda p, t: p + _after(grad_norm, first(t)), new_params,
-                                  new_teacher)
+    new_params = ordering.student_params(optax.apply_updates(params, updates), grad_norm,
+                                         new_teacher)
     new_state['params'] = clamp_logit_scales(new_params)
     new_state['step'] = state['step'] + 1
     metrics['lr'] = schedule(state['step'])

@@ -43,10 +43,13 @@ def load_for_eval(path: str, *, which: str = 'teacher',
     optim_cfg = ml_collections.ConfigDict(saved['optim'])
     tx, _ = optim.optimizer_from_config(optim_cfg, saved['total_steps'])
     mesh = partition.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    scanned = bool(saved['model'].get('scan_layers', False))   # the saved block layout
     shardings = state_lib.state_shardings(model_cfg, tx, mesh, partition.resolve_rules('dp'),
-                                          with_teacher=model_cfg.cosmos)
-    target = state_lib.abstract_state(shardings, model_cfg, tx, with_teacher=model_cfg.cosmos)
+                                          with_teacher=model_cfg.cosmos, scan_layers=scanned)
+    target = state_lib.abstract_state(shardings, model_cfg, tx, with_teacher=model_cfg.cosmos,
+                                      scan_layers=scanned)
     state, _, _ = ckpt.restore(target=target)
   finally:
     ckpt.close()
-  return model_cfg, convert.pick_tree(state, which)
+  # Evaluation and export read the unrolled layout (models/stacking.py).
+  return model_cfg, models.unstack_layers(convert.pick_tree(state, which))

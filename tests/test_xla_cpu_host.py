@@ -1,5 +1,6 @@
-"""The CLI re-executes itself once with glibc's malloc tunables and the block cache
-(see cosmos_jax/hostenv.py and cosmos_jax/native/block_cache.c)."""
+"""The CLI re-executes itself once with glibc's malloc tunables and the block cache (see
+cosmos_jax/xla_cpu/host.py and cosmos_jax/xla_cpu/native/block_cache.c), only for the tuned
+commands on a host without an accelerator, as ``perf.cpu_tuning`` says."""
 
 import os
 import shutil
@@ -9,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cosmos_jax import hostenv
+from cosmos_jax.xla_cpu import host as hostenv
 
 ALL = ['glibc.malloc.mmap_threshold=33554432', 'glibc.malloc.trim_threshold=4294967296',
        'glibc.malloc.hugetlb=1']
@@ -23,6 +24,7 @@ def linux_glibc_with_thp(monkeypatch):
   for name in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT, *hostenv.CALLER_VARS.values()):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setattr(hostenv, 'block_cache_library', lambda: '/cache/block_cache-0.so')
+  monkeypatch.setattr(hostenv, 'accelerator_on_host', lambda: None)
 
 
 class Execve(Exception):
@@ -35,7 +37,7 @@ def capture_execve(monkeypatch):
   monkeypatch.setattr(hostenv.os, 'execve', execve)
 
 
-def reexec(monkeypatch, argv=('variants',)):
+def reexec(monkeypatch, argv=('train', '--config', 'configs/demo.py')):
   capture_execve(monkeypatch)
   with pytest.raises(Execve) as e:
     hostenv.reexec_with_malloc_tuning(list(argv))
@@ -89,7 +91,7 @@ def test_no_reexec_where_it_does_not_apply(case, linux_glibc_with_thp, monkeypat
     monkeypatch.setattr(hostenv, '_glibc_version', lambda: ())
   else:
     monkeypatch.setattr(hostenv.sys, 'platform', 'darwin')
-  hostenv.reexec_with_malloc_tuning(['variants'])   # returns instead of replacing the process
+  hostenv.reexec_with_malloc_tuning(['bench', '--config', 'configs/demo.py'])   # returns
 
 
 @pytest.mark.parametrize('caller', [{}, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4',
@@ -103,6 +105,67 @@ def test_caller_environment_undoes_the_reexec(caller, linux_glibc_with_thp, monk
   for name in ('GLIBC_TUNABLES', 'LD_PRELOAD'):
     assert restored.get(name) == caller.get(name)
   assert not set(hostenv.CALLER_VARS.values()) & set(restored)
+
+
+@pytest.mark.parametrize('argv', [
+    ['variants'], ['eval', '--task', 'synthetic'], ['convert', 'a.pt', 'b'],   # not tuned
+    ['train', '--config', 'configs/demo.py', '--config.perf.cpu_tuning=off'],
+    ['bench', '--config', 'configs/demo.py', '--config.perf.cpu_tuning', 'off'],
+])
+def test_no_reexec_for_other_commands_or_when_switched_off(argv, linux_glibc_with_thp,
+                                                           monkeypatch):
+  capture_execve(monkeypatch)
+  hostenv.reexec_with_malloc_tuning(argv)
+
+
+def test_the_config_files_own_switch_is_read(tmp_path, linux_glibc_with_thp, monkeypatch):
+  capture_execve(monkeypatch)
+  recipe = tmp_path / 'off.py'
+  recipe.write_text('from cosmos_jax.config import base_config\n'
+                    'def get_config(arg=None):\n'
+                    '  c = base_config(); c.perf.cpu_tuning = "off"; return c\n')
+  hostenv.reexec_with_malloc_tuning(['train', '--config', str(recipe)])   # returns
+  reexec(monkeypatch, ['train', '--config', str(recipe), '--config.perf.cpu_tuning=on'])
+
+
+@pytest.mark.parametrize('accelerator', ['/dev/nvidia0', 'TPU_ACCELERATOR_TYPE=v5litepod-8'])
+def test_an_accelerator_host_is_never_tuned_unless_asked(accelerator, linux_glibc_with_thp,
+                                                         monkeypatch):
+  capture_execve(monkeypatch)
+  monkeypatch.setattr(hostenv, 'accelerator_on_host', lambda: accelerator)
+  hostenv.reexec_with_malloc_tuning(['train', '--config', 'configs/demo.py'])   # returns
+  reexec(monkeypatch, ['train', '--config', 'configs/demo.py', '--config.perf.cpu_tuning=on'])
+
+
+def test_accelerators_are_found_from_device_files_and_variables(monkeypatch):
+  monkeypatch.setattr(hostenv.glob, 'glob', lambda pattern: [])
+  assert hostenv.accelerator_on_host({}) is None
+  assert hostenv.accelerator_on_host({'JAX_PLATFORMS': 'cpu'}) is None
+  assert hostenv.accelerator_on_host({'CUDA_VISIBLE_DEVICES': ''}) is None
+  assert hostenv.accelerator_on_host({'JAX_PLATFORMS': 'tpu'}) == 'JAX_PLATFORMS=tpu'
+  assert hostenv.accelerator_on_host({'CUDA_VISIBLE_DEVICES': '0,1'}) == 'CUDA_VISIBLE_DEVICES=0,1'
+  assert hostenv.accelerator_on_host({'TPU_WORKER_ID': '3'}) == 'TPU_WORKER_ID=3'
+  monkeypatch.setattr(hostenv.glob, 'glob',
+                      lambda pattern: ['/dev/accel0'] if 'accel' in pattern else [])
+  assert hostenv.accelerator_on_host({}) == '/dev/accel0'
+
+
+@pytest.mark.parametrize('variable', ['CUDA_VISIBLE_DEVICES=0', 'TPU_ACCELERATOR_TYPE=v5litepod-8'])
+def test_a_real_process_on_a_simulated_accelerator_host_is_not_reexecuted(variable, tmp_path):
+  """Nothing is re-executed or preloaded: the process goes on with the caller's environment."""
+  name, value = variable.split('=')
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT,
+                      *hostenv.CALLER_VARS.values())}
+  env.update({name: value, 'XDG_CACHE_HOME': str(tmp_path)})
+  code = ('import os; from cosmos_jax.xla_cpu import host; '
+          'host.reexec_with_malloc_tuning(["train", "--config", "configs/demo.py"]); '
+          'print("SAME PROCESS", os.environ.get("GLIBC_TUNABLES"), os.environ.get("LD_PRELOAD"))')
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == 'SAME PROCESS None None'
+  assert not list(tmp_path.glob('cosmos_jax/block_cache-*'))   # nothing built either
 
 
 def test_thp_setting_is_read_from_the_kernel_file(tmp_path, monkeypatch):
@@ -120,12 +183,12 @@ def test_the_program_reexecutes_once_and_runs(tmp_path):
          if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT,
                       *hostenv.CALLER_VARS.values())}
   env['XDG_CACHE_HOME'] = str(tmp_path)
-  code = ('import os, sys; sys.argv = ["cosmos-jax", "variants"]; '
+  code = ('import os, sys; sys.argv = ["cosmos-jax", "bench", "--help"]; '
           'print("PARENT"); from cosmos_jax import cli; cli.run()')
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
-  assert 'ViT-B-16' in out.stdout and out.stdout.count('ViT-B-16') == 1
+  assert out.stdout.count('usage: cosmos-jax bench') == 1
   assert out.stdout.count('PARENT') == 1   # the child runs the CLI module, not the -c code
   if hostenv._glibc_version() >= (2, 35) and shutil.which('cc'):
     assert list((tmp_path / 'cosmos_jax').glob('block_cache-*.so'))

@@ -1,5 +1,10 @@
 """glibc malloc settings for XLA:CPU's per-step buffers, set by re-executing the CLI once.
 
+Only for ``train``, ``bench`` and ``demo`` on a host with no accelerator, and only where
+``perf.cpu_tuning`` (the run's config file or ``--config.perf.cpu_tuning=...``) is not 'off'
+('on' forces it). Whether the host has an accelerator is read from its device files and the
+environment, before JAX (or any of its backends) is imported: see ``accelerator_on_host``.
+
 XLA:CPU allocates each step's temporaries with malloc from its worker threads: one block of
 about 280 MB for the tiny config at batch 32 (GBs for ViT-B/16) and many of 1-32 MB inside the
 kernels. With glibc's defaults every step gets fresh pages from the kernel for most of them
@@ -19,12 +24,13 @@ kernels. With glibc's defaults every step gets fresh pages from the kernel for m
 On a 2-core CPU they took the ViT-B/16 step from 7.6 to 5.5-5.9 s (the tunables; faults from
 118k to 1.4k per step) and the tiny step from 0.23 to 0.17 s (the tunables) and 0.145 s (the
 block cache). Tunables are read when a process starts, hence the re-exec (glibc >= 2.35).
-A tunable the caller set is left as it is. Accelerator runs are unaffected (their buffers
-live on the device); ``COSMOS_JAX_NO_MALLOC_TUNING=1`` opts out of all of it.
+A tunable the caller set is left as it is. ``COSMOS_JAX_NO_MALLOC_TUNING=1`` opts out of all
+of it, whatever the config says.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import platform
@@ -98,7 +104,9 @@ def block_cache_library() -> Optional[str]:
   compiler = shutil.which(os.environ.get('CC') or 'cc')
   if not compiler:
     return None
-  partial = library.with_name(f'{library.name}.{os.getpid()}.partial')
+  # Unique per host and process: nodes sharing a $HOME may build at the same time.
+  partial = library.with_name(f'{library.name}.{platform.node()}.{os.getpid()}.'
+                              f'{os.urandom(4).hex()}.partial')
   try:
     library.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([compiler, '-O2', '-shared', '-fPIC', '-o', str(partial),
@@ -111,11 +119,70 @@ def block_cache_library() -> Optional[str]:
   return str(library)
 
 
-def should_reexec() -> bool:
-  """True on Linux with glibc >= 2.35 unless re-executed already or opted out."""
-  return (sys.platform.startswith('linux') and os.environ.get(OPT_OUT, '') in ('', '0')
-          and CALLER_VARS['GLIBC_TUNABLES'] not in os.environ
-          and _glibc_version() >= (2, 35))
+TUNED_COMMANDS = ('train', 'bench', 'demo')
+# Device files of accelerators JAX drives: NVIDIA GPUs, TPU chips (v4 and later expose
+# /dev/accel*, v5e/v6e VFIO groups), AMD GPUs.
+ACCELERATOR_DEVICE_FILES = ('/dev/nvidia[0-9]*', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*',
+                            '/dev/kfd')
+# Set by the TPU and GPU runtimes and schedulers that hand a process its accelerators.
+ACCELERATOR_ENV = ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_ID', 'CUDA_VISIBLE_DEVICES',
+                   'ROCR_VISIBLE_DEVICES', 'SLURM_JOB_GPUS')
+
+
+def accelerator_on_host(env: Optional[dict] = None) -> Optional[str]:
+  """What makes this host an accelerator host (a device file, a variable), or None.
+
+  Read without importing JAX, so that the decision comes before any backend starts: the
+  same reason ``train/distributed.py`` asks JAX's import-time TPU check, not its backends.
+  """
+  env = os.environ if env is None else env
+  platforms = env.get('JAX_PLATFORMS', '').strip().lower()
+  if platforms and 'cpu' not in platforms.split(','):
+    return f'JAX_PLATFORMS={platforms}'
+  for name in ACCELERATOR_ENV:
+    value = env.get(name, '').strip()
+    if value and value not in ('-1', 'NoDevFiles', 'none'):
+      return f'{name}={value}'
+  for pattern in ACCELERATOR_DEVICE_FILES:
+    found = sorted(glob.glob(pattern))
+    if found:
+      return found[0]
+  return None
+
+
+def cpu_tuning_requested(argv: Sequence[str]) -> str:
+  """``perf.cpu_tuning`` of the command line: an override if given, else the config file's
+  (read without JAX); 'auto' where neither says (or the file cannot be read: the command
+  itself will report that)."""
+  args = list(argv)
+  for i, arg in enumerate(args):
+    if arg.startswith('--config.perf.cpu_tuning'):
+      value = arg.split('=', 1)[1] if '=' in arg else (args[i + 1] if i + 1 < len(args) else '')
+      return value.strip('\'"')
+  for i, arg in enumerate(args):
+    spec = arg.split('=', 1)[1] if arg.startswith('--config=') else (
+        args[i + 1] if arg == '--config' and i + 1 < len(args) else None)
+    if spec:
+      try:
+        from cosmos_jax import config_cli   # ml_collections only: no JAX
+        return str(config_cli.load_config_file(spec).perf.cpu_tuning)
+      except Exception:   # pylint: disable=broad-except  (reported by the command itself)
+        return 'auto'
+  return 'auto'
+
+
+def should_reexec(argv: Sequence[str] = ()) -> bool:
+  """True for the tuned commands on Linux with glibc >= 2.35 and no accelerator (or
+  ``perf.cpu_tuning='on'``), unless re-executed already, opted out or switched off."""
+  if not argv or argv[0] not in TUNED_COMMANDS:
+    return False
+  if (not sys.platform.startswith('linux') or os.environ.get(OPT_OUT, '') not in ('', '0')
+      or CALLER_VARS['GLIBC_TUNABLES'] in os.environ or _glibc_version() < (2, 35)):
+    return False
+  mode = cpu_tuning_requested(argv[1:])
+  if mode == 'off':
+    return False
+  return mode == 'on' or accelerator_on_host() is None
 
 
 def caller_environment() -> dict[str, str]:
@@ -137,7 +204,7 @@ def reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
 
   Returns (doing nothing) where it does not apply; the child sees the marker and goes on.
   """
-  if not should_reexec():
+  if not should_reexec(argv):
     return
   env = dict(os.environ)
   for name, saved in CALLER_VARS.items():
