@@ -149,7 +149,7 @@ def _measure(config: ml_collections.ConfigDict, spec: dict[str, Any],
       grads = {k: v / (1.0 - config.optim.b1) for k, v in flat_leaves(mu).items()}
       save_fingerprint(spec['fingerprint_path'], out['loss'], grads)
       out['fingerprint_path'] = spec['fingerprint_path']
-    holder = {'state': state}
+    holder = {'state': build.after_first_step(state)}   # as the training loop has it
     del state
 
     def one():
