@@ -294,9 +294,10 @@ def format_summary(results: dict[str, Any], out_dir: Optional[str] = None) -> st
   for name, r in results.get('attention', {}).items():
     b = r['best']
     if b is None:
-      first = r['trials'][0] if r['trials'] else {}
-      lines.append(f'{name:<11}  no batch ran ({r["stopped_by"]}: '
-                   f'{first.get("error", "no trial")[:80]})')
+      why = f'stopped by {r["stopped_by"]}'
+      if r['trials']:
+        why += f'; first error: {r["trials"][0].get("error", "?")[:80]}'
+      lines.append(f'{name:<11}  no batch ran ({why})')
       continue
     cells = [b['batch'], f'{b["step_s"]:.4f}', f'{b["samples_per_s"]:.1f}',
              _pct(b.get('mfu_datasheet')), _pct(b.get('mfu_measured_peak')),
