@@ -60,7 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
       preset='fsdp',                 # 'dp', 'fsdp' or 'fsdp_tp' (train/partition.py)
       rules=(),                      # an explicit logical->mesh table; overrides the preset
   ))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, keep=3, async_save=True,
+      fallback=True,                 # a damaged newest checkpoint: set aside, resume the previous
+      allow_batch_size_change=False,  # resume a run saved at another batch_size (else refused)
+  ))
   c.eval = ml_collections.ConfigDict(dict(
       # TASK:DATASET=ROOT specs of `cosmos-jax eval` ('synthetic' = all three on the embedded
       # val split). Run every `every_steps` (0: only at the end) and after the last step.
@@ -111,6 +115,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "must be 'textcrop' or 'textcrop_pixelprose'")
   need(0 <= config.data.max_bad_fraction < 1, 'data.max_bad_fraction', 'must be in [0, 1)')
   need(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be positive')
+  need(config.checkpoint.keep is None or config.checkpoint.keep > 0, 'checkpoint.keep',
+       'must be positive (or None: keep all)')
+  for flag in ('async_save', 'fallback', 'allow_batch_size_change'):
+    need(isinstance(config.checkpoint[flag], bool), f'checkpoint.{flag}', 'must be True or False')
   need(math.isfinite(config.optim.weight_decay), 'optim.weight_decay', 'must be finite')
   need(config.eval.every_steps >= 0, 'eval.every_steps', 'must be >= 0 (0: only at the end)')
   need(config.eval.which in ('teacher', 'student', 'both'), 'eval.which',

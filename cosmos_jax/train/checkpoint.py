@@ -1,15 +1,24 @@
 """Checkpoints (orbax, async) of the train state, the data-iterator state and the config.
 
-A checkpoint of step ``s`` is the directory ``<workdir>/s`` with three items:
+A checkpoint of step ``s`` is the directory ``<workdir>/s`` with three items and a record:
 
-  state   the train-state pytree (sharded arrays, written by every host)
-  data    {'process_count': n, 'states': [iterator state of host 0, ..., host n-1]} (JSON)
-  config  the resolved config (JSON)
+  state           the train-state pytree (sharded arrays, written by every host)
+  data            {'process_count': n, 'states': [iterator state of each host]} (JSON)
+  config          the resolved config (JSON)
+  integrity.json  every file's size and SHA-256 (``checkpoint_integrity``)
 
 Orbax writes a step into ``s.orbax-checkpoint-tmp`` and renames it to ``s`` only once every
-item is complete, and lists only finalised steps, so a crash during a save leaves the
-previous checkpoint the latest one. The leftover tmp directory is removed when the next
-``Checkpointer`` opens the directory.
+item and the record are complete, and lists only finalised steps, so a crash during a save
+leaves the previous checkpoint the latest one; the trainer removes such leftovers when it
+opens the directory. A reader (``read_only=True``: evaluation beside a live run) creates,
+cleans and deletes nothing.
+
+Resuming verifies the newest step and restores it; a damaged one (a file missing, truncated
+or changed, or unreadable to orbax) is named in one warning, moved to ``damaged/<s>-<why>``
+and the next older step is tried (``fallback=False``: an error instead). A step whose arrays
+do not fit the run's model is not damage but a usage error naming the config fields that
+differ. A failed save (a full disk) is reported as one ``RunError`` as soon as it is known,
+with the previous checkpoint intact.
 
 Restoring takes the target as ShapeDtypeStructs with shardings (``state.abstract_state``):
 orbax reads each shard for the target's sharding, so a checkpoint written on one mesh
@@ -18,10 +27,11 @@ restores onto any other mesh shape or device count.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
-import signal
-import threading
+import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -31,7 +41,16 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 
+from cosmos_jax.errors import RunError, UsageError
+from cosmos_jax.train import checkpoint_diagnosis as diagnosis
+from cosmos_jax.train import checkpoint_integrity as integrity
+from cosmos_jax.train.checkpoint_diagnosis import check_workdir_writable  # noqa: F401
+from cosmos_jax.train.preemption import (  # noqa: F401  (part of this module's interface)
+    PreemptionFlag, install_sigterm_handler, install_stop_handlers, should_stop)
+
 log = logging.getLogger(__name__)
+
+DAMAGED_DIR = 'damaged'
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -68,6 +87,12 @@ def _as_dict(config: Any) -> Any:
   return config.to_dict() if hasattr(config, 'to_dict') else config
 
 
+class _Damaged(Exception):
+  def __init__(self, damage: integrity.Damage, cause: Optional[BaseException] = None):
+    super().__init__(str(damage))
+    self.damage, self.cause = damage, cause
+
+
 class Checkpointer:
   """An orbax ``CheckpointManager`` for {state, data, config}, one directory per step.
 
@@ -76,20 +101,40 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.PathLike, *, save_every_steps: int = 1000,
                keep: Optional[int] = 3, async_save: bool = True,
-               replica_parallel: Optional[bool] = None):
-    """``replica_parallel``: None is on with several processes, off with one."""
+               replica_parallel: Optional[bool] = None, read_only: bool = False,
+               fallback: bool = True):
+    """``replica_parallel``: None is on with several processes, off with one.
+
+    ``read_only``: a reader beside a possibly live run: no directory created, no temporary
+    directory removed, nothing saved, deleted or moved; only finalised steps are seen.
+    ``fallback``: on resume, a damaged newest step is set aside and the next one tried.
+    """
     if save_every_steps < 1:
       raise ValueError(f'save_every_steps must be >= 1, got {save_every_steps}')
     self.directory = epath.Path(directory).absolute()
-    policies = ocp.checkpoint_managers
-    # Every save_every_steps and at JAX's preemption sync point; without orbax's default
-    # extra save at the first step of a fresh run.
-    policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every_steps),
-                                     policies.PreemptionCheckpointingPolicy()])
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        save_decision_policy=policy,
-        cleanup_tmp_directories=True)  # leftovers of a save that crashed
+    self.read_only, self.fallback, self._async = read_only, fallback, async_save
+    self._pending: Optional[int] = None   # the step whose save may still be in flight
+    self._recording: Optional[int] = None   # the step the finalisation hook records
+    self._save_bytes = 0
+    if read_only:
+      if not self.directory.is_dir():
+        raise FileNotFoundError(f'no checkpoint directory {self.directory}')
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, max_to_keep=None,
+          save_interval_steps=0, enable_async_checkpointing=False)
+    else:
+      policies = ocp.checkpoint_managers
+      # Every save_every_steps and at JAX's preemption sync point; without orbax's default
+      # extra save at the first step of a fresh run.
+      policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every_steps),
+                                       policies.PreemptionCheckpointingPolicy()])
+      # Always orbax's async path: its finalisation hook writes the integrity record into
+      # the temporary directory; async_save=False then waits for each save.
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, enable_async_checkpointing=True, create=True,
+          save_decision_policy=policy,
+          async_options=ocp.AsyncOptions(post_finalization_callback=self._write_record),
+          cleanup_tmp_directories=True)  # leftovers of a save that crashed
     if replica_parallel is None:
       replica_parallel = jax.process_count() > 1
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -103,6 +148,8 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        handler_registry=registry)
 
+  # Saving.
+
   def save(self, step: int, state: Any, *, data_state: Optional[dict] = None,
            config: Any = None, force: bool = False) -> bool:
     """Starts saving ``step`` when due (every ``save_every_steps``) or when ``force``.
@@ -110,7 +157,10 @@ class Checkpointer:
     Returns whether a save started. The device-to-host copy happens before this returns,
     so ``state`` may be donated right after; the write to disk continues in the background.
     ``data_state`` is this host's iterator state; it must be None on all hosts or on none.
+    Raises RunError if this save, or the one before it, fails.
     """
+    if self.read_only:
+      raise RuntimeError(f'{self.directory} was opened read-only')
     step = int(step)
     if step in self._mngr.all_steps():
       # orbax raises on an existing step, even with force (e.g. the preemption save right
@@ -118,16 +168,74 @@ class Checkpointer:
       return False
     if not force and not self._mngr.should_save(step):
       return False
+    self._finish_pending()
     args = {'state': ocp.args.PyTreeSave(state)}
     if data_state is not None:
       states = _gather_json(data_state)
       args['data'] = ocp.args.JsonSave({'process_count': len(states), 'states': states})
     if config is not None:
       args['config'] = ocp.args.JsonSave(_as_dict(config))
-    saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+    self._save_bytes, self._pending, self._recording = diagnosis.nbytes(state), step, step
+    try:
+      saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:
+      self._pending = None
+      raise self._save_error(step, e) from e
     if saved:
       log.info('saving checkpoint of step %d to %s', step, self.directory)
+      if not self._async:
+        self._finish_pending()
+    else:
+      self._pending = None
     return saved
+
+  def _write_record(self) -> None:
+    """orbax's post-finalisation hook (primary host, background thread): every host has
+    written its part, the step is still in its temporary directory."""
+    step = self._recording
+    found = [p for p in glob.glob(os.fspath(self.directory / f'{step}.orbax-checkpoint-tmp*'))
+             if os.path.isdir(p)] or [p for p in [os.fspath(self.directory / str(step))]
+                                      if os.path.isdir(p)]
+    if not found:
+      raise RuntimeError(f'the directory of step {step} being saved is not in {self.directory}')
+    integrity.write_record(max(found, key=os.path.getmtime))
+
+  def check(self) -> None:
+    """Raises RunError now if the save in flight has failed; cheap, call it every step."""
+    if self._pending is not None and not self._mngr.is_saving_in_progress():
+      self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, e: BaseException) -> RunError:
+    """One line: what failed, what it needs, what is kept. The partial step is removed."""
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.fspath(self.directory / f'{step}.orbax-checkpoint-tmp*')):
+        shutil.rmtree(partial, ignore_errors=True)
+    previous = [s for s in self._mngr.all_steps() if s != step
+                and (self.directory / str(s)).is_dir()]
+    kept = (f'the previous checkpoint (step {max(previous)}) is intact' if previous
+            else 'there is no earlier checkpoint')
+    if diagnosis.is_disk_full(e):
+      try:
+        free = diagnosis.gib(shutil.disk_usage(os.fspath(self.directory)).free)
+      except OSError:
+        free = 'unknown'
+      return RunError(f'the checkpoint of step {step} could not be written: the disk of '
+                      f'{self.directory} is full ({free} free, a checkpoint needs about '
+                      f'{diagnosis.gib(self._save_bytes)}); {kept}. Free some space (or lower '
+                      'checkpoint.keep) and run the same command again to resume')
+    return RunError(f'the checkpoint of step {step} could not be written to {self.directory} '
+                    f'({diagnosis.first_line(e)}); {kept}')
+
+  # Restoring.
 
   def latest_step(self) -> Optional[int]:
     """The latest step, or None.
@@ -140,21 +248,103 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def restore(self, step: Optional[int] = None, *,
-              target: Any) -> tuple[Any, Optional[dict], Optional[dict]]:
+  def restore(self, step: Optional[int] = None, *, target: Any,
+              config: Any = None) -> tuple[Any, Optional[dict], Optional[dict]]:
     """(state, this host's data state or None, config or None) of ``step`` (default: latest).
 
     ``target``: the abstract state, ShapeDtypeStructs with the shardings wanted now.
+    ``config``: the run's config, to name the fields that differ if the step does not fit.
+    Raises RunError if the step is damaged (nothing is moved), UsageError if it holds
+    another model.
     """
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f'no finalised checkpoint in {self.directory}')
-    self._mngr.wait_until_finished()  # a save of this step may still be in flight
-    present = set(self._mngr.item_metadata(step).keys())
+    self._finish_pending()   # a save of this step may still be in flight
+    try:
+      return self._restore_verified(step, target, config)
+    except _Damaged as d:
+      raise RunError(f'the checkpoint of step {step} in {self.directory} is damaged: '
+                     f'{d.damage}') from d.cause
+
+  def restore_or_none(self, target: Any, *, config: Any = None
+                      ) -> Optional[tuple[Any, Optional[dict], Optional[dict]]]:
+    """The newest step that verifies and restores, or None if there is none (a fresh run).
+
+    Each damaged newer step is named in one warning and, unless read-only, moved to
+    ``damaged/``; with ``fallback=False`` the first one raises RunError instead.
+    """
+    self._finish_pending()
+    damaged: list[int] = []
+    for _ in range(3):   # a reader may see the live run delete a step it was about to read
+      vanished = False
+      for step in sorted(self.all_steps(), reverse=True):
+        if step in damaged:
+          continue
+        try:
+          restored = self._restore_verified(step, target, config)
+        except _Damaged as d:
+          if self.read_only and not (self.directory / str(step)).is_dir():
+            vanished = True
+            break
+          if not self.fallback:
+            raise RunError(f'the checkpoint of step {step} in {self.directory} is damaged: '
+                           f'{d.damage}; move it away, or set --config.checkpoint.fallback=True'
+                           ' to resume from the newest one that restores') from d.cause
+          log.warning('checkpoint of step %d is damaged: %s; %s', step, d.damage,
+                      self._set_aside(step, d.damage))
+          damaged.append(step)
+          continue
+        if damaged:
+          log.warning('resuming from step %d, the newest checkpoint that restores and '
+                      'verifies (damaged: %s)', step, ', '.join(map(str, damaged)))
+        return restored
+      if not vanished:
+        break
+      self._mngr.reload()
+    if damaged:
+      raise RunError(f'no checkpoint in {self.directory} restores: steps '
+                     f'{", ".join(map(str, damaged))} are damaged'
+                     + ('' if self.read_only else f' (kept in {self.directory / DAMAGED_DIR})'))
+    return None
+
+  def _agree(self, local: Optional[integrity.Damage]) -> Optional[integrity.Damage]:
+    """The first host's damage if any host found one: every host decides alike."""
+    if jax.process_count() == 1:
+      return local
+    found = _gather_json(None if local is None else [local.tag, local.detail])
+    return next((integrity.Damage(*f) for f in found if f is not None), None)
+
+  def _restore_verified(self, step: int, target: Any, config: Any):
+    step_dir = os.fspath(self.directory / str(step))
+    damage = integrity.verify(step_dir) if jax.process_index() == 0 else None
+    if damage := self._agree(damage):
+      raise _Damaged(damage)
+    if not integrity.has_record(step_dir):
+      log.warning('checkpoint of step %d has no integrity record (saved by an older version, '
+                  'or the run stopped while writing it): restored unverified', step)
+    try:
+      metadata = self._mngr.item_metadata(step)
+      present = set(metadata.keys())
+      state_metadata = metadata['state'] if 'state' in present else None
+    except Exception as e:
+      raise _Damaged(integrity.Damage('unreadable', f'its metadata is unreadable '
+                                      f'({diagnosis.first_line(e)})'), e) from e
+    if state_metadata is None:
+      raise _Damaged(integrity.Damage('missing', 'its state item is missing'))
+    self._check_fits(step, getattr(state_metadata, 'tree', state_metadata), target, config)
     args = {'state': ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
     args.update({k: ocp.args.JsonRestore() for k in ('data', 'config') if k in present})
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    problem, restored = None, None
+    try:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:   # tensorstore, orbax and JSON errors alike
+      problem = e
+    damage = None if problem is None else integrity.Damage(
+        'unreadable', f'orbax could not read it ({diagnosis.first_line(problem)})')
+    if damage := self._agree(damage):
+      raise _Damaged(damage, problem)
     data_state = None
     if 'data' in present:
       data = restored['data']
@@ -164,98 +354,63 @@ class Checkpointer:
         log.warning('checkpoint %d holds the data state of %d hosts but %d run now; the '
                     'data stream restarts from its beginning', step, data['process_count'],
                     jax.process_count())
-    config = restored['config'] if 'config' in present else None
     log.info('restored checkpoint of step %d from %s', step, self.directory)
-    return restored['state'], data_state, config
+    return restored['state'], data_state, restored['config'] if 'config' in present else None
+
+  def _check_fits(self, step: int, saved_tree: Any, target: Any, config: Any) -> None:
+    """UsageError naming the differing config fields when the step holds another model."""
+    message = diagnosis.mismatch(saved_tree, target, lambda: self.read_config(step), config)
+    if message:
+      raise UsageError(f'the checkpoint of step {step} in {self.directory} holds another '
+                       f'model than this run ({message}). Resume with the saved config, or '
+                       'give a new --workdir')
+
+  def _set_aside(self, step: int, damage: integrity.Damage) -> str:
+    """Moves a damaged step to damaged/<step>-<tag> (kept for inspection, out of the list)."""
+    if self.read_only:
+      return 'left in place (read-only); trying the previous one'
+    dest = self.directory / DAMAGED_DIR / f'{step}-{damage.tag}'
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while dest.exists():
+        n += 1
+        dest = self.directory / DAMAGED_DIR / f'{step}-{damage.tag}-{n}'
+      os.replace(os.fspath(self.directory / str(step)), os.fspath(dest))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'cosmos_jax checkpoint set aside {step}')
+    self._mngr.reload()
+    return f'moved to {dest}; trying the previous one'
 
   def read_config(self, step: Optional[int] = None) -> Optional[dict]:
-    """The resolved config saved with ``step`` (default: latest), read without a target."""
-    step = self.latest_step() if step is None else int(step)
-    if step is None:
-      return None
-    path = self.directory / str(step) / 'config' / 'metadata'
-    return json.loads(path.read_text()) if path.exists() else None
-
-  def restore_or_none(self, target: Any) -> Optional[tuple[Any, Optional[dict],
-                                                           Optional[dict]]]:
-    """``restore(target=target)`` of the latest step, or None if there is none (a fresh run)."""
-    if self.latest_step() is None:
-      return None
-    return self.restore(target=target)
+    """The resolved config saved with ``step`` (default: the newest step whose config reads),
+    read without a target."""
+    steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
+    for s in steps:
+      path = self.directory / str(s) / 'config' / 'metadata'
+      try:
+        return json.loads(path.read_text())
+      except (OSError, ValueError):
+        continue
+    return None
 
   def reached_preemption(self, step: int) -> bool:
     """True on all hosts at the step where JAX's preemption sync point was reached."""
     return self._mngr.reached_preemption(int(step))
 
   def wait(self) -> None:
-    """Blocks until the saves in flight are on disk and finalised."""
-    self._mngr.wait_until_finished()
+    """Blocks until the saves in flight are on disk and finalised; RunError if one failed."""
+    self._finish_pending()
 
   def close(self) -> None:
-    """Waits for the saves in flight, then releases the manager."""
-    self._mngr.close()
+    """Waits for the saves in flight, then releases the manager (RunError if one failed)."""
+    try:
+      self._finish_pending()
+    finally:
+      self._mngr.close()
 
   def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-class PreemptionFlag:
-  """Set by a signal handler; the training loop reads ``requested`` between steps."""
-
-  def __init__(self):
-    self._requested = False
-    self._previous: dict[int, Any] = {}
-
-  @property
-  def requested(self) -> bool:
-    return self._requested
-
-  def set(self) -> None:
-    self._requested = True
-
-  def install(self, signums: tuple[int, ...]) -> PreemptionFlag:
-    for signum in signums:
-      self._previous[signum] = signal.signal(signum, lambda *_: self.set())
-    return self
-
-  def uninstall(self) -> None:
-    """Puts the previous signal handlers back."""
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous.clear()
-
-
-def install_sigterm_handler(signums: tuple[int, ...] = (signal.SIGTERM,)) -> PreemptionFlag:
-  """SIGTERM (by default) only sets the returned flag; the loop then saves and exits.
-
-  Call it from the main thread, after ``jax.distributed.initialize``: that installs the
-  handler of JAX's preemption service, which this one replaces (``should_stop`` watches
-  both). The handler does no work itself: saving inside a signal handler could interrupt
-  a step, a save or a lock held by orbax or logging.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    raise RuntimeError('install_sigterm_handler must be called from the main thread')
-  return PreemptionFlag().install(signums)
-
-
-def should_stop(flag: PreemptionFlag, step: Optional[int] = None,
-                checkpointer: Optional[Checkpointer] = None) -> bool:
-  """Whether to save and stop now: the same answer on every host.
-
-  A collective when there are several processes: call it on all hosts after the same
-  steps. True if any host got the signal, or (given ``step`` and ``checkpointer``) if
-  JAX's preemption service reached its sync point for ``step``.
-  """
-  stop = flag.requested
-  if jax.process_count() > 1:
-    flags = multihost_utils.process_allgather(np.int32(stop))
-    stop = bool(np.any(np.asarray(flags)))
-  if step is not None and checkpointer is not None:
-    stop = checkpointer.reached_preemption(step) or stop
-  if stop:
-    log.warning('preemption requested%s: saving and stopping',
-                '' if step is None else f' at step {step}')
-  return stop

@@ -27,16 +27,27 @@ PANELS = (
 
 
 class RunLog:
-  """metrics.jsonl (one JSON object per logged step) and TensorBoard events in ``workdir``."""
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard events in ``workdir``.
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+  ``start_step``: the step the run starts from (a resume: the restored step). Rows that a
+  killed run wrote past it are dropped from metrics.jsonl (rewritten atomically) and
+  TensorBoard purges its events from ``start_step + 1`` on, so every step appears once.
+  """
+
+  def __init__(self, workdir: str, enabled: Optional[bool] = None, start_step: int = 0):
     self.workdir = workdir
     self.enabled = distributed.is_primary() if enabled is None else enabled
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self.dropped_rows = 0
     self._tb = None
     if self.enabled:
+      self.dropped_rows = drop_rows_after(self.jsonl_path, start_step)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+      # The file name has the time in seconds: the suffix keeps a quick resume from
+      # overwriting the events of the run it resumes.
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30,
+                               purge_step=start_step + 1,
+                               filename_suffix=f'.from{start_step}.{os.getpid()}')
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -63,6 +74,33 @@ class RunLog:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def drop_rows_after(jsonl_path: str, step: int) -> int:
+  """Removes the rows of steps past ``step`` (a resumed run writes them again); the count.
+
+  The file is rewritten through a temporary file and a rename, so a kill leaves either the
+  old or the new file. A last line cut by a kill is dropped too.
+  """
+  if not os.path.isfile(jsonl_path):
+    return 0
+  with open(jsonl_path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and row.get('step', 0) <= step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if len(kept) == len(lines):
+    return 0
+  tmp = jsonl_path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, jsonl_path)
+  return len(lines) - len(kept)
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm.tqdm:

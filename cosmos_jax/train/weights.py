@@ -1,7 +1,8 @@
 """Loading one parameter tree for evaluation from any checkpoint form.
 
-A training work directory (or its ``checkpoints/``) is read with its saved config; a PyTorch
-file or a cosmos_jax params directory goes through ``cosmos_jax.convert``.
+A training work directory (or its ``checkpoints/``) is read with its saved config, read-only
+(a live run beside it is never disturbed); a PyTorch file or a cosmos_jax params directory
+goes through ``cosmos_jax.convert``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def load_for_eval(path: str, *, which: str = 'teacher',
   if ckpt_dir is None or convert.params_io.is_params_dir(path):
     trees, config = convert.load_params(path, variant=variant)
     return config, convert.pick_tree(trees, which)
-  ckpt = checkpoint.Checkpointer(ckpt_dir)
+  # Read-only: the run may be training right now; a reader that removed its temporary
+  # directories (orbax's clean-up on open) would delete the save in progress.
+  ckpt = checkpoint.Checkpointer(ckpt_dir, read_only=True)
   try:
     saved = ckpt.read_config()
     if saved is None:
@@ -48,7 +51,10 @@ def load_for_eval(path: str, *, which: str = 'teacher',
                                           with_teacher=model_cfg.cosmos, scan_layers=scanned)
     target = state_lib.abstract_state(shardings, model_cfg, tx, with_teacher=model_cfg.cosmos,
                                       scan_layers=scanned)
-    state, _, _ = ckpt.restore(target=target)
+    restored = ckpt.restore_or_none(target)   # the newest finalised step that verifies
+    if restored is None:
+      raise FileNotFoundError(f'no finalised checkpoint in {ckpt_dir}')
+    state = restored[0]
   finally:
     ckpt.close()
   # Evaluation and export read the unrolled layout (models/stacking.py).
