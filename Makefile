@@ -1,5 +1,14 @@
 # `make demo` and `make test` each work on a fresh clone: they create .venv when missing.
-PYTHON ?= python3
+# A new .venv is made with Python 3.12 when one is found (so it gets the newest JAX; JAX 0.11+
+# needs 3.12), else with python3 (3.11 works, with JAX 0.10). `make PYTHON=python3.11 test`
+# picks another; an existing .venv is kept as it is.
+# Python 3.12: `python3.12` on PATH, else a 3.12 version installed through pyenv.
+FIND_PYTHON312 := python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || \
+  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$$' | sort -rV); do \
+    PYENV_VERSION=$$v python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null && break; \
+  done; true
+PYTHON312 ?= $(shell $(FIND_PYTHON312))
+PYTHON ?= $(or $(PYTHON312),python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -7,7 +16,7 @@ PIP    := $(PY) -m pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo demo-compare test install install-test clean
+.PHONY: demo demo-compare test test-latest print-python312 install install-test clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,5 +55,31 @@ demo-compare: $(VENV)/.base
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
+# The suite on the newest releases (Python 3.12, jax 0.12 and up), in its own venv, upgraded
+# on every run so it follows new releases. LATEST_EXTRAS=test leaves the torch parity tests
+# out (they skip) and saves the ~5.6 GB torch install.
+LATEST_VENV ?= .venv-latest
+LATEST_EXTRAS ?= test,torch
+LATEST_PY := $(LATEST_VENV)/bin/python
+print-python312:
+	@echo $(PYTHON312)
+test-latest:
+	@if [ -z "$(PYTHON312)" ]; then \
+	  echo "make test-latest: no Python 3.12 found (python3.12 on PATH or a pyenv 3.12);" \
+	    "give one with PYTHON312=<python3.12 command>." >&2; exit 1; \
+	fi
+	test -x $(LATEST_PY) || $(PYTHON312) -m venv $(LATEST_VENV)
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	case ",$(LATEST_EXTRAS)," in *,torch,*) \
+	  if ! $(LATEST_PY) -c "$(HAS_TORCH)" && [ "$$free" -lt $(TEST_INSTALL_FREE_GB) ]; then \
+	    echo "make test-latest: installing torch needs about $(TEST_INSTALL_FREE_GB) GB free;" \
+	      "$$free GB are free (LATEST_EXTRAS=test skips the torch tests)." >&2; exit 1; \
+	  fi;; \
+	esac
+	$(LATEST_PY) -m pip install -q --no-cache-dir --upgrade --upgrade-strategy eager \
+	  -e '.[$(LATEST_EXTRAS)]' $(if $(findstring torch,$(LATEST_EXTRAS)),$(TORCH_PINS))
+	$(LATEST_PY) -c 'import sys, jax, flax; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}")'
+	$(LATEST_PY) -m pytest $(PYTEST_ARGS) tests
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Optional, Sequence
 
-from cosmos_jax import hostenv
+from cosmos_jax import cli_output
+
+from cosmos_jax.xla_cpu import host as xla_cpu_host
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-  import logging
   from cosmos_jax import demo
-  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
   print(demo.run_demo(args.workdir, compare=args.compare, steps=args.steps,
                       overrides=args.overrides))
   return 0
@@ -36,15 +38,15 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
   from cosmos_jax import convert
   print(convert.convert(args.src, args.dst, variant=args.variant, which=args.which,
-                        layout=args.layout))
+                        layout=args.layout, overwrite=args.overwrite))
   return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-  import logging
   from cosmos_jax import config_cli
   from cosmos_jax.train import loop
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  args.session.log_to(os.path.join(args.workdir, 'train.log'))
+  logging.info('cosmos-jax %s', ' '.join(args.argv), extra={'file_only': True})
   config = config_cli.load_config_file(args.config)
   config_cli.apply_overrides(config, args.overrides)
   result = loop.train(config, args.workdir)
@@ -54,11 +56,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-  import logging
   from cosmos_jax.eval import report, run
   from cosmos_jax.data.synthetic import SyntheticConfig
   from cosmos_jax.train.weights import load_for_eval
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   import jax
   from cosmos_jax import models
   from cosmos_jax.train import partition
@@ -142,7 +142,9 @@ EXAMPLES = '''examples:
   cosmos-jax convert cosmos_vitb16_merged30m.pt ckpt/vitb16_merged30m
   cosmos-jax bench --config configs/demo.py --out runs/bench.json
 
-Run `cosmos-jax COMMAND --help` for a command's options.'''
+Run `cosmos-jax COMMAND --help` for a command's options. A failure prints one line and exits
+2 (fix the command or config) or 1 (the run failed); --debug (anywhere) adds the traceback, and
+`train` writes every log line and any traceback to WORKDIR/train.log.'''
 
 TRAIN_EPILOG = '''config files (configs/, each with a :clip CLIP-only baseline):
   demo.py                the tiny model on the embedded synthetic dataset (CPU)
@@ -160,10 +162,19 @@ examples:
       --config.mesh.shape='(-1,8,1)' --config.model.dtype=bfloat16'''
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors in one line, as every other failure (argparse prints the usage first)."""
+
+  def error(self, message: str):
+    self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='cosmos-jax', description='COSMOS vision-language pre-training in JAX/Flax.',
       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--debug', action='store_true',
+                      help='on a failure, print the traceback too (also accepted after COMMAND)')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   p = sub.add_parser('train', help='train COSMOS (or the CLIP baseline) from a config',
@@ -231,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', default='runs/demo', help='default: runs/demo')
   p.add_argument('--compare', action='store_true', help='also train the CLIP-only baseline')
   p.add_argument('--steps', type=int, help='training steps (default: the config\'s 600)')
-  p.set_defaults(func=_cmd_demo, accepts_overrides=True)
+  p.set_defaults(func=_cmd_demo, accepts_overrides=True, log_level=logging.WARNING)
 
   p = sub.add_parser('similarity',
                      help='encode a few drawn scenes and captions with any weights, print similarities')
@@ -256,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='trees of a COSMOS checkpoint to convert (default: both)')
   p.add_argument('--layout', choices=['open_clip', 'cosmos'],
                  help='PyTorch layout to write (default: cosmos for COSMOS models, else open_clip)')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an existing DST file or params directory (never SRC itself)')
   p.set_defaults(func=_cmd_convert)
 
   p = sub.add_parser(
@@ -269,18 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
   p.add_argument('--out', help='write the figures as JSON here')
   p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--meshes', nargs='+', metavar='D,F,M',
-                 help="mesh shapes ('data','fsdp','model') of the memory table, e.g. 8,1,1 "
-                      "2,2,2 16,4,1 (default: the config's mesh)")
-  p.add_argument('--per-device-batch', type=int,
-                 help='memory table: global batch = this x data x fsdp of each mesh '
-                      "(default: the config's batch_size, which must divide each)")
-  p.add_argument('--skip', metavar='SECTIONS',
-                 help='comma-separated sections to leave out: train, peak, memory, data, eval')
-  p.add_argument('--data-batches', type=int, default=10, help='batches timed from the pipeline')
-  p.add_argument('--official-repo', metavar='PATH',
-                 help='also time the official PyTorch step from this ExplainableML/cosmos '
-                      'checkout and report the speedup')
   p.set_defaults(func=_cmd_bench, accepts_overrides=True)
 
   p = sub.add_parser('variants', help='list the named model variants')
@@ -288,22 +289,35 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+  """``--debug`` is global: taken out wherever it stands before a bare ``--``."""
+  end = argv.index('--') if '--' in argv else len(argv)
+  kept = [a for a in argv[:end] if a != '--debug'] + argv[end:]
+  return kept, len(kept) != len(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs one command; a failure is one line on stderr and exit code 2 (usage) or 1 (run)."""
+  argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   if extra and not getattr(args, 'accepts_overrides', False):
     parser.error(f'unrecognized arguments: {" ".join(extra)}')
-  args.overrides = extra
+  args.overrides, args.argv, args.debug = extra, argv, debug
+  args.session = cli_output.Session(args.command, debug=debug,
+                                    level=getattr(args, 'log_level', logging.INFO))
   try:
     return args.func(args)
-  except (ValueError, FileNotFoundError) as e:  # ConversionError and config errors included
-    print(f'cosmos-jax {args.command}: error: {e}', file=sys.stderr)
-    return 2
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except  (one line each)
+    return args.session.fail(e)
+  finally:
+    args.session.close()
 
 
 def run() -> None:
-  """The ``cosmos-jax`` program: malloc settings for XLA:CPU (``hostenv``), then ``main``."""
-  hostenv.reexec_with_malloc_tuning(sys.argv[1:])
+  """The ``cosmos-jax`` program: malloc settings for XLA:CPU where they apply (``xla_cpu``),
+  then ``main``."""
+  xla_cpu_host.reexec_with_malloc_tuning(sys.argv[1:])
   sys.exit(main())
 
 

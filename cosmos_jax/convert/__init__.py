@@ -104,9 +104,25 @@ def pick_tree(trees: dict[str, Any], which: str = 'teacher') -> Any:
   return trees[_pick(_roles(trees), which)[1]]
 
 
+def _check_destination(src: str, dst: str, overwrite: bool) -> None:
+  """Nothing is replaced unasked, and a source is never written over itself."""
+  if os.path.exists(src) and os.path.exists(dst):
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_src == real_dst or (os.path.isdir(dst) and real_src.startswith(real_dst + os.sep)):
+      raise ConversionError(f'{dst} is (or holds) the source {src}; write the conversion to '
+                            'another path')
+  if os.path.isfile(dst) and not overwrite:
+    raise ConversionError(f'{dst} exists; pass --overwrite to replace it (or choose another path)')
+  if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+    raise ConversionError(f'{dst}: the directory exists and is not empty; pass --overwrite to '
+                          'replace a params directory there (or choose another path)')
+
+
 def convert(src: str, dst: str, *, variant: str | None = None, which: str = 'both',
-            layout: str | None = None) -> str:
+            layout: str | None = None, overwrite: bool = False) -> str:
   """Converts weights from `src` to `dst`; returns a one-line summary.
+
+  overwrite: replace an existing destination file or params directory (never `src` itself).
 
   which: 'both' keeps every tree of the source; 'student'/'teacher' keeps one (a source
     with a single tree gives that tree either way). Writing one tree (open_clip layout)
@@ -126,6 +142,7 @@ def convert(src: str, dst: str, *, variant: str | None = None, which: str = 'bot
     raise ConversionError(f"layout must be 'open_clip' or 'cosmos', got {layout!r}")
   if layout is not None and not to_torch:
     raise ConversionError(f'layout applies to PyTorch destinations only, not the directory {dst}')
+  _check_destination(src, dst, overwrite)
   trees, config, meta = _read(src, variant)
   kind = 'COSMOS' if config.cosmos else 'CLIP'
 
@@ -133,7 +150,7 @@ def convert(src: str, dst: str, *, variant: str | None = None, which: str = 'bot
     if which != 'both':
       _, name = _pick(_roles(trees), which)
       trees = {name: trees[name]}
-    save_params_dir(dst, trees, config)
+    save_params_dir(dst, trees, config, overwrite=overwrite)
     what = f'trees {", ".join(trees)}'
   else:
     layout = layout or ('cosmos' if config.cosmos else 'open_clip')

@@ -41,6 +41,7 @@ from PIL import Image
 
 from cosmos_jax import tokenizer
 from cosmos_jax.data import augment, captions
+from cosmos_jax.errors import RunError
 
 STATE_VERSION = 1
 _NUM_LAST_BAD = 20
@@ -49,7 +50,7 @@ _ADDRESS_RE = re.compile(r' at 0x[0-9a-fA-F]+')
 log = logging.getLogger(__name__)
 
 
-class TooManyBadSamplesError(RuntimeError):
+class TooManyBadSamplesError(RunError):
   """More than ``max_bad_fraction`` of the records seen so far had to be skipped."""
 
 
