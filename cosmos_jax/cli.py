@@ -282,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
   p.add_argument('--out', help='write the figures as JSON here')
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--meshes', nargs='+', metavar='D,F,M',
+                 help="mesh shapes ('data','fsdp','model') of the memory table, e.g. 8,1,1 "
+                      "2,2,2 16,4,1 (default: the config's mesh)")
+  p.add_argument('--per-device-batch', type=int,
+                 help='memory table: global batch = this x data x fsdp of each mesh '
+                      "(default: the config's batch_size, which must divide each)")
+  p.add_argument('--skip', metavar='SECTIONS',
+                 help='comma-separated sections to leave out: train, peak, memory, data, eval')
+  p.add_argument('--data-batches', type=int, default=10, help='batches timed from the pipeline')
+  p.add_argument('--official-repo', metavar='PATH',
+                 help='also time the official PyTorch step from this ExplainableML/cosmos '
+                      'checkout and report the speedup')
   p.set_defaults(func=_cmd_bench, accepts_overrides=True)
 
   p = sub.add_parser('variants', help='list the named model variants')
