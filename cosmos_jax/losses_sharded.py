@@ -105,7 +105,8 @@ def sharded_clip_losses(stacks: Mapping[str, jax.Array], scales: Mapping[str, ja
   def per_device(local: tuple, scale_values: tuple) -> tuple:
     local = dict(zip(stack_keys, local))
     # Varying from here on, so that their gradient's psum runs once, not in every loop step.
-    scale_of = {k: jax.lax.pcast(v, axes, to='varying') for k, v in zip(scale_keys, scale_values)}
+    scale_of = {k: jax.lax.pcast(v, axes, to='varying')
+                for k, v in zip(scale_keys, scale_values)}
     gathered = {c: jax.lax.all_gather(local[c], axes, axis=1, tiled=True) for c in columns}
     offset = jax.lax.axis_index(axes) * n_local
     parts = [_term_parts(local[r], gathered[c], scale_of[s], offset, pair_logits_bytes)

@@ -9,7 +9,7 @@ CPU host:
   JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python docs/losses_aot.py --topology v5e:8x8 --batch 4096
 
 Collectives: count and bytes (each op's result size per device) executed per call, loops
-unrolled by their trip counts; 'ops' is the number of such ops in the program text.
+unrolled by their trip counts (see ``collectives``).
 """
 
 from __future__ import annotations
@@ -23,98 +23,63 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cosmos_jax import losses
+from cosmos_jax.bench import hlo, topology
 
 BATCH_AXES = ('data', 'fsdp')
-KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
-_DTYPE_BYTES = {'f32': 4, 'bf16': 2, 's32': 4, 'u32': 4, 'pred': 1, 'f16': 2, 's8': 1, 'u8': 1}
-# `%x = f32[2,4096,512]{...} all-gather(` or a tuple result `%x = (f32[..], ..) all-reduce(`.
-_OP = re.compile(r'=\s*(\(.*?\)|\S+)\s+(' + '|'.join(KINDS) + r')(-start)?\(')
-_SHAPE = re.compile(r'(\w+)\[([\d,]*)\]')
-_WHILE = re.compile(r'\swhile\(.*?condition=%([\w.-]+), body=%([\w.-]+)')
-_BOUND = re.compile(r'constant\((\d+)\)')
-_CALLS = re.compile(r'calls=%([\w.-]+)')
 _CHAIN = re.compile(r'chain_id="(\d+)"')
+_CONDITION = re.compile(r'condition=%?([\w.\-]+)')
 
 
-def topology_devices(name: str) -> list:
-  chip_config = 'megacore' if name.split(':')[0] in ('v4', 'v5') else 'default'
-  return list(topologies.get_topology_desc(platform='tpu', topology_name=name,
-                                           chip_config_name=chip_config,
-                                           chips_per_host_bounds=(2, 2, 1),
-                                           num_slices=1).devices)
+def _kind(inst: hlo.Instruction) -> str | None:
+  op = inst.opcode
+  if op.endswith(('-start', '-update')):
+    return None   # an async pair counts at its -done
+  op = op[:-len('-done')] if op.endswith('-done') else op
+  return op if op in hlo.KINDS else None
 
 
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-  """Computation name -> its lines, and the entry computation's name."""
-  comps, entry, name = {}, None, None
-  for line in hlo.splitlines():
-    if name is None:
-      m = re.match(r'(ENTRY )?%([\w.-]+) ', line)
-      if m and line.rstrip().endswith('{'):
-        name = m.group(2)
-        entry = name if m.group(1) else entry
-        comps[name] = []
-    elif line.startswith('}'):
-      name = None
-    else:
-      comps[name].append(line)
-  return comps, entry
+def _trips(inst: hlo.Instruction, computations: dict) -> int:
+  """A while loop's trip count: XLA's known_trip_count, else the bound its condition compares
+  the counter with (JAX's scans count from 0 up to a constant)."""
+  known = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', inst.attrs)
+  if known:
+    return int(known.group(1))
+  condition = _CONDITION.search(inst.attrs)
+  bounds = [int(i.attrs.split(')')[0]) for i in computations.get(condition.group(1), ())
+            if i.opcode == 'constant' and i.attrs.split(')')[0].isdigit()] if condition else []
+  return max(bounds, default=1)
 
 
-def _result_bytes(result: str, is_async_start: bool) -> int:
-  shapes = _SHAPE.findall(result)
-  if is_async_start:   # (operands..., results...): the second half are the results
-    shapes = shapes[len(shapes) // 2:]
-  return sum(_DTYPE_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(',') if d]))
-             for dt, dims in shapes)
+def collectives(text: str) -> dict[str, dict[str, int]]:
+  """kind -> {'count', 'bytes'} executed per call, per device (result bytes of each op).
 
-
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
-  """kind -> {'count', 'bytes', 'ops'} executed per call of a compiled HLO module, per device.
-
-  Ops inside a while loop count once per trip; the trip count is read off the loop's
-  condition (JAX's scans compare a counter from 0 with a constant bound). XLA:TPU splits a
-  gather it overlaps with a matmul into a chain of fused steps marked with one ``chain_id``:
-  a chain counts as one collective. 'ops' is the number of such collectives in the program
-  text, whatever the loops.
+  As ``bench.hlo.collective_summary``, with two differences this libtpu's loss programs need:
+  a while loop without ``known_trip_count`` runs as often as its condition's bound says, and
+  the fused steps of one gather that XLA:TPU overlaps with a matmul (async collective fusions
+  sharing a ``chain_id``) count as one collective.
   """
-  comps, entry = _computations(hlo)
-  chains_seen: set[str] = set()
-  memo: dict[str, dict] = {}
-
-  def add(out: dict, inner: dict, trips: int) -> None:
-    for kind, v in inner.items():
-      out[kind]['count'] += trips * v['count']
-      out[kind]['bytes'] += trips * v['bytes']
-      out[kind]['ops'] += v['ops']
-
-  def walk(name: str) -> dict:
-    if name not in memo:
-      out = collections.defaultdict(lambda: {'count': 0, 'bytes': 0, 'ops': 0})
-      for line in comps.get(name, ()):
-        m = _OP.search(line)
-        chain = _CHAIN.search(line)
-        if m and not (chain and chain.group(1) in chains_seen):
-          if chain:
-            chains_seen.add(chain.group(1))
-          result, kind, start = m.groups()
-          out[kind]['count'] += 1
-          out[kind]['ops'] += 1
-          out[kind]['bytes'] += _result_bytes(result, bool(start) and result.startswith('('))
-        w = _WHILE.search(line)
-        if w:
-          bounds = [int(b) for c in comps.get(w.group(1), ()) for b in _BOUND.findall(c)]
-          add(out, walk(w.group(2)), max(bounds) if bounds else 1)
-        for called in _CALLS.findall(line):
-          add(out, walk(called), 1)
-      memo[name] = dict(out)
-    return memo[name]
-
-  return walk(entry)
+  computations, entry = hlo.parse_computations(text)
+  summary = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+  chains: set[str] = set()
+  stack = [(entry, 1)]
+  while stack:
+    name, times = stack.pop()
+    for inst in computations.get(name, ()):
+      kind = _kind(inst)
+      chain = _CHAIN.search(inst.attrs)
+      if kind and not (chain and chain.group(1) in chains):
+        chains.update([chain.group(1)] if chain else [])
+        summary[kind]['count'] += times
+        summary[kind]['bytes'] += times * hlo.shape_bytes(inst.shape)
+      if inst.opcode in ('async-update', 'async-done'):
+        continue   # the wrapped computation counts once, at async-start
+      for key, callee in re.findall(r'\b(calls|body|true_computation|false_computation)='
+                                    r'%?([\w.\-]+)', inst.attrs):
+        stack.append((callee, times * (_trips(inst, computations) if key == 'body' else 1)))
+  return dict(summary)
 
 
 def abstract_features(mesh: Mesh, n: int, embed: int) -> tuple[dict, dict]:
@@ -148,12 +113,13 @@ def measure(mesh: Mesh, n: int, embed: int, sharded: bool) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--topology', default='v5e:8x8')
+  parser.add_argument('--topology', default='v5e:8x8',
+                      help='a libtpu topology (v5e:16x16) or a slice name (v5e-256)')
   parser.add_argument('--batch', type=int, default=4096, help='global batch N')
   parser.add_argument('--embed', type=int, default=512, help='feature width E (B/16: 512)')
   parser.add_argument('--only', choices=('global', 'sharded'))
   args = parser.parse_args()
-  devices = topology_devices(args.topology)
+  devices = topology.target_devices(topology.parse_target(args.topology))
   mesh = Mesh(np.asarray(devices).reshape(1, len(devices), 1), ('data', 'fsdp', 'model'),
               axis_types=(AxisType.Auto,) * 3)
   for sharded in (False, True):

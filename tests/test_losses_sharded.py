@@ -109,3 +109,61 @@ def test_train_step_uses_the_sharded_losses_where_the_batch_is_split(mesh_shape,
   state, batch = bench_build.abstract_inputs(build, 8)
   counts = _primitives(build.train_step.trace(state, batch).jaxpr)
   assert (counts['all_gather', False] > 0) == sharded
+
+
+_LOOP_AND_CHAIN_HLO = '''HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %bound = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ar = f32[8]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ar)
+}
+
+%gather_step (a: bf16[2,4]) -> bf16[2,8] {
+  %a = bf16[2,4] parameter(0)
+  ROOT %ag = bf16[2,8]{1,0} all-gather(%a), dimensions={1}, frontend_attributes={chain_id="0"}
+}
+
+%gather_continued (a: bf16[2,4]) -> bf16[2,8] {
+  %a = bf16[2,4] parameter(0)
+  ROOT %ag2 = bf16[2,8]{1,0} all-gather(%a), dimensions={1}, frontend_attributes={chain_id="0"}
+}
+
+ENTRY %main (x: f32[8], y: bf16[2,4]) -> (s32[], f32[8]) {
+  %x = f32[8]{0} parameter(0)
+  %y = bf16[2,4]{1,0} parameter(1)
+  %f1 = bf16[2,8]{1,0} fusion(%y), kind=kCustom, calls=%gather_step
+  %f2 = bf16[2,8]{1,0} fusion(%y), kind=kCustom, calls=%gather_continued
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8]) tuple(%zero, %x)
+  ROOT %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+}
+'''
+
+
+def test_loss_aot_counts_loop_trips_and_gather_chains():
+  """docs/losses_aot.py: a loop without known_trip_count runs its condition's bound times; the
+  fused steps of one chained gather are one all-gather (hand-written HLO, counted by hand)."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), '..', 'docs', 'losses_aot.py')
+  spec = importlib.util.spec_from_file_location('losses_aot', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.collectives(_LOOP_AND_CHAIN_HLO) == {
+      'all-reduce': {'count': 4, 'bytes': 4 * 8 * 4},
+      'all-gather': {'count': 1, 'bytes': 2 * 8 * 2}}
