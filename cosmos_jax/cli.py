@@ -109,6 +109,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   from cosmos_jax.bench.memory import parse_mesh
   config = config_cli.load_config_file(args.config)
   config_cli.apply_overrides(config, args.overrides)
+  if args.tpu_topology:   # compile for a TPU slice instead of timing on this machine
+    from cosmos_jax.bench import aot, aot_table
+    results = aot.run(config, args.tpu_topology, search=args.search, out_path=args.out)
+    print(aot_table.format_report(results))
+    if args.out:
+      print(f'written to {args.out}')
+    return 0
+  if args.search:
+    from cosmos_jax.errors import UsageError
+    raise UsageError('--search goes with --tpu-topology')
   skip = [s.strip() for s in (args.skip or '').split(',') if s.strip()]
   meshes = [parse_mesh(m) for m in args.meshes] if args.meshes else None
   results = bench.run(config, args.out, repeats=args.repeats, data_batches=args.data_batches,
@@ -280,8 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                   'forced CPU devices in a child process), data-pipeline samples/s and '
                   'evaluation images/s. Config overrides apply (--config.batch_size=2).')
   p.add_argument('--config', required=True, help='configs/<file>.py[:arg]')
-  p.add_argument('--out', help='write the figures as JSON here')
+  p.add_argument('--out', '--json', help='write the figures as JSON here')
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--tpu-topology', metavar='NAME',
+                 help='instead of timing here, compile the step for this TPU slice (v5e-256, '
+                      'v4-128, v5p-128, v6e-64 or v5e:16x16; needs the aot extra) and report '
+                      'its per-device memory against the HBM, collectives, XLA cost and an '
+                      'estimated step time')
+  p.add_argument('--search', action='store_true',
+                 help='with --tpu-topology: if the step does not fit, try a larger fsdp axis, '
+                      'remat and bfloat16 (and their combinations) and report the first fit')
   p.add_argument('--meshes', nargs='+', metavar='D,F,M',
                  help="mesh shapes ('data','fsdp','model') of the memory table, e.g. 8,1,1 "
                       "2,2,2 16,4,1 (default: the config's mesh)")
