@@ -132,8 +132,9 @@ def test_workdir_that_is_a_file(tmp_path):
 
 @pytest.mark.slow
 def test_train_logs_its_resume_on_the_console(tmp_path):
-  """Two tiny runs (one step to compile, 1-3 min on 2 loaded cores; then a resume that has no
-  step left): the resume's INFO line shows on the console, the libraries' INFO records do not."""
+  """Two tiny runs (one step to compile, then a resume that has no step left; 7 min on 2 cores
+  shared with other work, about a minute alone): the resume's INFO line shows on the console,
+  the libraries' INFO records do not. Slow, but the only check of the logging as a user runs it."""
   workdir = str(tmp_path / 'run')
   argv = ['train', '--config', DEMO, '--workdir', workdir, '--config.total_steps=1',
           '--config.eval.tasks=()', *TINY]
