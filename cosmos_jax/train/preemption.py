@@ -97,6 +97,6 @@ def should_stop(flag: PreemptionFlag, step: Optional[int] = None,
   if step is not None and checkpointer is not None:
     stop = checkpointer.reached_preemption(step) or stop
   if stop:
-    log.warning('%s%s: saving and stopping', 'interrupted' if flag.reason == 'interrupted'
+    log.warning('%s%s: saving it and stopping', 'Ctrl-C' if flag.reason == 'interrupted'
                 else 'preemption requested', '' if step is None else f' at step {step}')
   return stop
