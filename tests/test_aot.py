@@ -47,14 +47,20 @@ def test_topology_bad_names(name, words):
     topology.parse_target(name)
 
 
-# Hand-written in XLA:TPU's style: a sync all-gather inside a fusion, an async all-gather and
-# all-reduce pair, the reduce-scatter fusion (all-reduce + slice), a tuple all-reduce, a while
-# loop of 3 trips around an all-to-all, and an async collective-permute.
+# Hand-written in XLA:TPU's style: an all-gather carried through two async collective fusions
+# (one chain), an async all-gather and all-reduce pair, the reduce-scatter fusion (all-reduce +
+# slice), a tuple all-reduce, a while loop of 3 trips around an all-to-all, and an async
+# collective-permute.
 HLO = """HloModule jit_train_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
 
-%gather_fusion (param_0: f32[4,8]) -> f32[16,8] {
+%async_collective_fusion.1 (param_0: f32[4,8]) -> f32[16,8] {
   %param_0 = f32[4,8]{1,0:T(8,128)} parameter(0)
-  ROOT %all-gather.1 = f32[16,8]{1,0:T(8,128)S(1)} all-gather(%param_0), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %all-gather.1 = f32[16,8]{1,0:T(8,128)S(1)} all-gather(%param_0), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="7"}
+}
+
+%async_collective_fusion.2 (param_0: f32[4,8]) -> f32[16,8] {
+  %param_0 = f32[4,8]{1,0:T(8,128)} parameter(0)
+  ROOT %all-gather.2 = f32[16,8]{1,0:T(8,128)S(1)} all-gather(%param_0), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}, frontend_attributes={chain_id="7"}
 }
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -90,7 +96,8 @@ HLO = """HloModule jit_train_step, entry_computation_layout={(f32[4,8]{1,0})->f3
 
 ENTRY %main.1_spmd (x: f32[4,8], g: f32[64,256], y: bf16[8,128], u: f32[16], v: bf16[32]) -> f32[4,8] {
   %x = f32[4,8]{1,0} parameter(0)
-  %fusion.1 = f32[16,8]{1,0} fusion(%x), kind=kCustom, calls=%gather_fusion
+  %fusion.1 = f32[16,8]{1,0} fusion(%x), kind=kCustom, calls=%async_collective_fusion.1
+  %fusion.3 = f32[16,8]{1,0} fusion(%x), kind=kCustom, calls=%async_collective_fusion.2
   %all-gather-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%x), channel_id=5, replica_groups={{0,1,2,3}}, dimensions={0}
   %all-gather-done = f32[16,8]{1,0} all-gather-done(%all-gather-start)
   %g = f32[64,256]{1,0} parameter(1)
@@ -114,7 +121,7 @@ def test_hlo_collectives_by_hand():
   summary, unknown = hlo.collective_summary(HLO)
   assert unknown == 0
   assert summary == {
-      'all-gather': {'count': 2, 'bytes': 2 * 16 * 8 * 4},          # the fusion's and the pair's
+      'all-gather': {'count': 2, 'bytes': 2 * 16 * 8 * 4},          # the chain's and the pair's
       'reduce-scatter': {'count': 1, 'bytes': 16 * 256 * 4},        # its all-reduce not again
       'all-reduce': {'count': 2, 'bytes': 64 * 256 * 4 + 16 * 4 + 32 * 2},
       'all-to-all': {'count': 3, 'bytes': 3 * 8 * 128 * 2},         # 3 trips of the loop
@@ -122,10 +129,15 @@ def test_hlo_collectives_by_hand():
   }
 
 
-def test_hlo_loop_without_trip_count_counts_once():
+def test_hlo_loop_trips_from_its_condition():
   text = HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', '')
-  summary, unknown = hlo.collective_summary(text)
-  assert unknown == 1
+  assert hlo.collective_summary(text) == hlo.collective_summary(HLO)   # i < 3: 3 trips
+  le = text.replace('direction=LT', 'direction=LE')
+  assert hlo.collective_summary(le)[0]['all-to-all']['count'] == 4
+  # A bound that is no constant: the body counts once, and the summary says so.
+  unknown = text.replace('%three = s32[] constant(3)', '%three = s32[] parameter(1)')
+  summary, loops = hlo.collective_summary(unknown)
+  assert loops == 1
   assert summary['all-to-all'] == {'count': 1, 'bytes': 8 * 128 * 2}
 
 

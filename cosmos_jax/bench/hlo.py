@@ -2,8 +2,11 @@
 
 Each collective counts once per execution: an async pair (``all-gather-start`` /
 ``all-gather-done``) counts at its ``-done``, whose result is the collective's output; ops
-inside fusions and called computations count through the call graph from ENTRY, and a
-``while`` body counts ``known_trip_count`` times (once, and noted, when XLA gives no count).
+inside fusions and called computations count through the call graph from ENTRY; a ``while``
+body counts ``known_trip_count`` times, else the bound its condition compares the counter with
+(JAX's loops count from 0 up to a constant), else once, and noted. XLA:TPU carries one async
+collective through several "async collective fusions", each holding a copy of the op with the
+same ``chain_id``: a chain counts once.
 Its bytes are those of the op's result shape on one device (a tuple's elements summed): the
 gathered array for an all-gather, the scattered shard for a reduce-scatter, the reduced array
 for an all-reduce. XLA:TPU writes a reduce-scatter as a fusion calling an ``all-reduce-scatter``
@@ -29,6 +32,9 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(.*)$')
 _CALLS = re.compile(r'\b(calls|body|to_apply|true_computation|false_computation)=%?([\w.\-]+)')
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_CONDITION = re.compile(r'\bcondition=%?([\w.\-]+)')
+_CHAIN = re.compile(r'\bchain_id="?(\d+)')
+_OPERANDS = re.compile(r'%([\w.\-]+)')
 _REDUCE_SCATTER_FUSION = 'all-reduce-scatter'
 
 
@@ -108,14 +114,31 @@ def parse_computations(text: str) -> tuple[dict[str, list[Instruction]], str]:
   return computations, entry
 
 
-def _callees(inst: Instruction) -> Iterator[tuple[str, int | None]]:
+def loop_trips(inst: Instruction, computations: dict[str, list[Instruction]]) -> int | None:
+  """A while loop's trip count: XLA's ``known_trip_count``, else N from a condition
+  ``counter < N`` (``<= N``: N + 1) against an integer constant; None when neither is there."""
+  known = _TRIP_COUNT.search(inst.attrs)
+  if known:
+    return int(known.group(1))
+  condition = _CONDITION.search(inst.attrs)
+  body = computations.get(condition.group(1), []) if condition else []
+  constants = {i.name: i.attrs.split(')')[0].strip() for i in body if i.opcode == 'constant'}
+  for i in body:
+    direction = re.search(r'direction=(LT|LE)\b', i.attrs)
+    if i.opcode != 'compare' or not direction:
+      continue
+    bounds = [constants[o] for o in _OPERANDS.findall(i.attrs.split(')')[0]) if o in constants]
+    if len(bounds) == 1 and re.fullmatch(r'-?\d+', bounds[0]):
+      return max(0, int(bounds[0]) + (direction.group(1) == 'LE'))
+  return None
+
+
+def _callees(inst: Instruction,
+             computations: dict[str, list[Instruction]]) -> Iterator[tuple[str, int | None]]:
   """(computation, times per execution of ``inst``; None: a while body of unknown count)."""
   if inst.opcode in ('async-update', 'async-done'):
     return   # the wrapped computation counts once, at async-start
-  trips: int | None = 1
-  if inst.opcode == 'while':
-    m = _TRIP_COUNT.search(inst.attrs)
-    trips = int(m.group(1)) if m else None
+  trips = loop_trips(inst, computations) if inst.opcode == 'while' else 1
   for key, name in _CALLS.findall(inst.attrs):
     yield name, trips if key == 'body' else 1
   for group in _BRANCHES.findall(inst.attrs):
@@ -138,6 +161,7 @@ def collectives(text: str) -> tuple[list[tuple[Collective, int]], int]:
   loops whose trip count XLA did not give (their bodies are counted once)."""
   computations, entry = parse_computations(text)
   found: list[tuple[Collective, int]] = []
+  chains: set[str] = set()
   unknown_loops = 0
   stack = [(entry, 1)]
   while stack:
@@ -145,10 +169,14 @@ def collectives(text: str) -> tuple[list[tuple[Collective, int]], int]:
     for inst in computations.get(name, ()):
       kind = _kind(inst)
       if kind:
-        found.append((Collective(kind, shape_bytes(inst.shape), inst.name), times))
+        chain = _CHAIN.search(inst.attrs)
+        if not (chain and chain.group(1) in chains):
+          found.append((Collective(kind, shape_bytes(inst.shape), inst.name), times))
+        if chain:
+          chains.add(chain.group(1))
         if kind == 'reduce-scatter':
           continue   # its all-reduce inside is the same collective
-      for callee, trips in _callees(inst):
+      for callee, trips in _callees(inst, computations):
         if trips is None:
           unknown_loops += 1
           trips = 1
