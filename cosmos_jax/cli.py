@@ -111,14 +111,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   config_cli.apply_overrides(config, args.overrides)
   if args.tpu_topology:   # compile for a TPU slice instead of timing on this machine
     from cosmos_jax.bench import aot, aot_table
-    results = aot.run(config, args.tpu_topology, search=args.search, out_path=args.out)
+    results = aot.run(config, args.tpu_topology, search=args.search, out_path=args.out,
+                      hlo_path=args.hlo)
     print(aot_table.format_report(results))
     if args.out:
       print(f'written to {args.out}')
     return 0
-  if args.search:
+  if args.search or args.hlo:
     from cosmos_jax.errors import UsageError
-    raise UsageError('--search goes with --tpu-topology')
+    raise UsageError('--search and --hlo go with --tpu-topology')
   skip = [s.strip() for s in (args.skip or '').split(',') if s.strip()]
   meshes = [parse_mesh(m) for m in args.meshes] if args.meshes else None
   results = bench.run(config, args.out, repeats=args.repeats, data_batches=args.data_batches,
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--search', action='store_true',
                  help='with --tpu-topology: if the step does not fit, try a larger fsdp axis, '
                       'remat and bfloat16 (and their combinations) and report the first fit')
+  p.add_argument('--hlo', metavar='PATH',
+                 help="with --tpu-topology: write the compiled step's HLO text here")
   p.add_argument('--meshes', nargs='+', metavar='D,F,M',
                  help="mesh shapes ('data','fsdp','model') of the memory table, e.g. 8,1,1 "
                       "2,2,2 16,4,1 (default: the config's mesh)")

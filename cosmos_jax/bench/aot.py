@@ -101,8 +101,10 @@ def cost_figures(cost: Any) -> dict[str, float]:
           'transcendentals': float(cost.get('transcendentals', 0.0))}
 
 
-def compile_report(config: ml_collections.ConfigDict, target: topology.TpuTarget) -> dict:
-  """Compiles the step for ``target`` in this process (JAX on the CPU backend, libtpu here)."""
+def compile_report(config: ml_collections.ConfigDict, target: topology.TpuTarget,
+                   hlo_path: Optional[str] = None) -> dict:
+  """Compiles the step for ``target`` in this process (JAX on the CPU backend, libtpu here);
+  ``hlo_path``: also write the compiled HLO text there."""
   import jax
   from cosmos_jax.bench.build import abstract_inputs
   from cosmos_jax.train import partition
@@ -133,7 +135,11 @@ def compile_report(config: ml_collections.ConfigDict, target: topology.TpuTarget
       return report
   report['compile_s'] = time.perf_counter() - start
   memory = per_device_bytes(compiled.memory_analysis())
-  summary, unknown_loops = hlo.collective_summary(compiled.as_text())
+  text = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, 'w') as f:
+      f.write(text)
+  summary, unknown_loops = hlo.collective_summary(text)
   cost = cost_figures(compiled.cost_analysis())
   report.update(per_device_bytes=memory, cost=cost, collectives=summary,
                 fits=memory['total'] <= target.chip.hbm_bytes,
@@ -152,10 +158,11 @@ def _first_line(message: str) -> str:
 
 
 def report_in_child(config: ml_collections.ConfigDict, target: topology.TpuTarget,
-                    timeout_s: Optional[float] = None) -> dict:
+                    timeout_s: Optional[float] = None, hlo_path: Optional[str] = None) -> dict:
   """``compile_report`` in a child process with the AOT environment; failures become
   {'error': ...} rows rather than exceptions, so a search can go on."""
-  spec = {'config': config.to_json(), 'target': target.name}
+  spec = {'config': config.to_json(), 'target': target.name,
+          'hlo_path': os.path.abspath(hlo_path) if hlo_path else None}
   env = {**os.environ, **CHILD_ENV}
   base = {'topology': target.libtpu_name, 'name': target.name, 'devices': target.chips,
           'hbm_bytes': target.chip.hbm_bytes, 'fits': False}
@@ -233,9 +240,11 @@ def partition_shape(config: ml_collections.ConfigDict, devices: int) -> tuple[in
 
 
 def run(config: ml_collections.ConfigDict, topology_name: str, *, search: bool = False,
-        out_path: Optional[str] = None, timeout_s: Optional[float] = None) -> dict[str, Any]:
+        out_path: Optional[str] = None, timeout_s: Optional[float] = None,
+        hlo_path: Optional[str] = None) -> dict[str, Any]:
   """The AOT report of ``config`` on ``topology_name`` ({'aot': ...}); with ``search``, also
-  the changes tried until one fits ({'search': [...], 'first_fit': ...})."""
+  the changes tried until one fits ({'search': [...], 'first_fit': ...}). ``hlo_path``: the
+  compiled HLO text of the config as given is written there."""
   target = topology.parse_target(topology_name)
   config_lib.validate(config)
   check_libtpu()
@@ -244,7 +253,7 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, search: bool =
                              'versions': versions(),
                              'config': {'variant': config.model.variant,
                                         'cosmos': config.model.cosmos}}
-  report = _with_model_flops(report_in_child(config, target, timeout_s), config)
+  report = _with_model_flops(report_in_child(config, target, timeout_s, hlo_path), config)
   results['aot'] = report
   if report.get('oom') or 'per_device_bytes' in report and not report['fits']:
     report['note'] = fit_note(report, config)
@@ -289,7 +298,7 @@ def versions() -> dict[str, str]:
 def _main() -> None:
   spec = json.loads(sys.stdin.read())
   config = ml_collections.ConfigDict(json.loads(spec['config']))
-  report = compile_report(config, topology.parse_target(spec['target']))
+  report = compile_report(config, topology.parse_target(spec['target']), spec.get('hlo_path'))
   print(json.dumps(report))
 
 
