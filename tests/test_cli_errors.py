@@ -114,14 +114,6 @@ def test_empty_shard_names_its_path(tmp_path):
   assert 'Traceback' in log and 'WARNING' in log and f'shard {shard}: empty file' in log
 
 
-def _loop_checks_the_workdir() -> bool:
-  import inspect
-  from cosmos_jax.train import loop
-  return 'check_workdir_writable' in inspect.getsource(loop)
-
-
-@pytest.mark.xfail(not _loop_checks_the_workdir(), strict=True,
-                   reason='until train() checks the workdir first, an OSError (exit 1) reports it')
 def test_workdir_that_is_a_file(tmp_path):
   (tmp_path / 'file').write_text('')
   for workdir in (tmp_path / 'file', tmp_path / 'file' / 'below'):
