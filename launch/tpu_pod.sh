@@ -94,7 +94,9 @@ else
     echo "tpu_pod.sh: give --workdir (e.g. /mnt/gcs/runs/x) or a command after --" >&2
     exit 2
   fi
-  command=(python -m cosmos_jax.cli train --config "$config" --workdir "$workdir")
+  # No XLA:CPU tuning on TPU workers (auto would find the chips too; off says so up front).
+  command=(python -m cosmos_jax.cli train --config "$config" --workdir "$workdir"
+           --config.perf.cpu_tuning=off)
 fi
 
 gcloud_args=(--zone "$zone")
