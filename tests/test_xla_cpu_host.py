@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cosmos_jax.xla_cpu import host as hostenv
+from cosmos_jax.xla_cpu import host
 
 ALL = ['glibc.malloc.mmap_threshold=33554432', 'glibc.malloc.trim_threshold=4294967296',
        'glibc.malloc.hugetlb=1']
@@ -18,13 +18,13 @@ ALL = ['glibc.malloc.mmap_threshold=33554432', 'glibc.malloc.trim_threshold=4294
 
 @pytest.fixture
 def linux_glibc_with_thp(monkeypatch):
-  monkeypatch.setattr(hostenv.sys, 'platform', 'linux')
-  monkeypatch.setattr(hostenv, '_glibc_version', lambda: (2, 36))
-  monkeypatch.setattr(hostenv, '_thp_available', lambda: True)
-  for name in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT, *hostenv.CALLER_VARS.values()):
+  monkeypatch.setattr(host.sys, 'platform', 'linux')
+  monkeypatch.setattr(host, '_glibc_version', lambda: (2, 36))
+  monkeypatch.setattr(host, '_thp_available', lambda: True)
+  for name in ('GLIBC_TUNABLES', 'LD_PRELOAD', host.OPT_OUT, *host.CALLER_VARS.values()):
     monkeypatch.delenv(name, raising=False)
-  monkeypatch.setattr(hostenv, 'block_cache_library', lambda: '/cache/block_cache-0.so')
-  monkeypatch.setattr(hostenv, 'accelerator_on_host', lambda: None)
+  monkeypatch.setattr(host, 'block_cache_library', lambda: '/cache/block_cache-0.so')
+  monkeypatch.setattr(host, 'accelerator_on_host', lambda: None)
 
 
 class Execve(Exception):
@@ -34,13 +34,13 @@ class Execve(Exception):
 def capture_execve(monkeypatch):
   def execve(path, argv, env):
     raise Execve(path, argv, env)
-  monkeypatch.setattr(hostenv.os, 'execve', execve)
+  monkeypatch.setattr(host.os, 'execve', execve)
 
 
 def reexec(monkeypatch, argv=('train', '--config', 'configs/demo.py')):
   capture_execve(monkeypatch)
   with pytest.raises(Execve) as e:
-    hostenv.reexec_with_malloc_tuning(list(argv))
+    host.reexec_with_malloc_tuning(list(argv))
   return e.value.args
 
 
@@ -60,7 +60,7 @@ def test_the_block_cache_goes_first_and_is_left_out_without_a_compiler(linux_gli
   monkeypatch.setenv('LD_PRELOAD', 'libother.so')
   _, _, env = reexec(monkeypatch)
   assert env['LD_PRELOAD'] == '/cache/block_cache-0.so:libother.so'
-  monkeypatch.setattr(hostenv, 'block_cache_library', lambda: None)
+  monkeypatch.setattr(host, 'block_cache_library', lambda: None)
   _, _, env = reexec(monkeypatch)
   assert env['LD_PRELOAD'] == 'libother.so'
 
@@ -73,7 +73,7 @@ def test_a_tunable_the_caller_set_is_kept(linux_glibc_with_thp, monkeypatch):
 
 
 def test_no_huge_pages_where_the_kernel_disables_them(linux_glibc_with_thp, monkeypatch):
-  monkeypatch.setattr(hostenv, '_thp_available', lambda: False)
+  monkeypatch.setattr(host, '_thp_available', lambda: False)
   _, _, env = reexec(monkeypatch)
   assert env['GLIBC_TUNABLES'] == ':'.join(ALL[:2])
 
@@ -84,14 +84,14 @@ def test_no_reexec_where_it_does_not_apply(case, linux_glibc_with_thp, monkeypat
   if case == 'reexecuted':
     monkeypatch.setenv('COSMOS_JAX_CALLER_GLIBC_TUNABLES', '')
   elif case == 'opted_out':
-    monkeypatch.setenv(hostenv.OPT_OUT, '1')
+    monkeypatch.setenv(host.OPT_OUT, '1')
   elif case == 'old_glibc':
-    monkeypatch.setattr(hostenv, '_glibc_version', lambda: (2, 31))
+    monkeypatch.setattr(host, '_glibc_version', lambda: (2, 31))
   elif case == 'musl':
-    monkeypatch.setattr(hostenv, '_glibc_version', lambda: ())
+    monkeypatch.setattr(host, '_glibc_version', lambda: ())
   else:
-    monkeypatch.setattr(hostenv.sys, 'platform', 'darwin')
-  hostenv.reexec_with_malloc_tuning(['bench', '--config', 'configs/demo.py'])   # returns
+    monkeypatch.setattr(host.sys, 'platform', 'darwin')
+  host.reexec_with_malloc_tuning(['bench', '--config', 'configs/demo.py'])   # returns
 
 
 @pytest.mark.parametrize('caller', [{}, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4',
@@ -100,11 +100,11 @@ def test_caller_environment_undoes_the_reexec(caller, linux_glibc_with_thp, monk
   for name, value in caller.items():
     monkeypatch.setenv(name, value)
   _, _, env = reexec(monkeypatch)
-  monkeypatch.setattr(hostenv.os, 'environ', env)
-  restored = hostenv.caller_environment()
+  monkeypatch.setattr(host.os, 'environ', env)
+  restored = host.caller_environment()
   for name in ('GLIBC_TUNABLES', 'LD_PRELOAD'):
     assert restored.get(name) == caller.get(name)
-  assert not set(hostenv.CALLER_VARS.values()) & set(restored)
+  assert not set(host.CALLER_VARS.values()) & set(restored)
 
 
 @pytest.mark.parametrize('argv', [
@@ -115,7 +115,7 @@ def test_caller_environment_undoes_the_reexec(caller, linux_glibc_with_thp, monk
 def test_no_reexec_for_other_commands_or_when_switched_off(argv, linux_glibc_with_thp,
                                                            monkeypatch):
   capture_execve(monkeypatch)
-  hostenv.reexec_with_malloc_tuning(argv)
+  host.reexec_with_malloc_tuning(argv)
 
 
 def test_the_config_files_own_switch_is_read(tmp_path, linux_glibc_with_thp, monkeypatch):
@@ -124,7 +124,7 @@ def test_the_config_files_own_switch_is_read(tmp_path, linux_glibc_with_thp, mon
   recipe.write_text('from cosmos_jax.config import base_config\n'
                     'def get_config(arg=None):\n'
                     '  c = base_config(); c.perf.cpu_tuning = "off"; return c\n')
-  hostenv.reexec_with_malloc_tuning(['train', '--config', str(recipe)])   # returns
+  host.reexec_with_malloc_tuning(['train', '--config', str(recipe)])   # returns
   reexec(monkeypatch, ['train', '--config', str(recipe), '--config.perf.cpu_tuning=on'])
 
 
@@ -132,22 +132,22 @@ def test_the_config_files_own_switch_is_read(tmp_path, linux_glibc_with_thp, mon
 def test_an_accelerator_host_is_never_tuned_unless_asked(accelerator, linux_glibc_with_thp,
                                                          monkeypatch):
   capture_execve(monkeypatch)
-  monkeypatch.setattr(hostenv, 'accelerator_on_host', lambda: accelerator)
-  hostenv.reexec_with_malloc_tuning(['train', '--config', 'configs/demo.py'])   # returns
+  monkeypatch.setattr(host, 'accelerator_on_host', lambda: accelerator)
+  host.reexec_with_malloc_tuning(['train', '--config', 'configs/demo.py'])   # returns
   reexec(monkeypatch, ['train', '--config', 'configs/demo.py', '--config.perf.cpu_tuning=on'])
 
 
 def test_accelerators_are_found_from_device_files_and_variables(monkeypatch):
-  monkeypatch.setattr(hostenv.glob, 'glob', lambda pattern: [])
-  assert hostenv.accelerator_on_host({}) is None
-  assert hostenv.accelerator_on_host({'JAX_PLATFORMS': 'cpu'}) is None
-  assert hostenv.accelerator_on_host({'CUDA_VISIBLE_DEVICES': ''}) is None
-  assert hostenv.accelerator_on_host({'JAX_PLATFORMS': 'tpu'}) == 'JAX_PLATFORMS=tpu'
-  assert hostenv.accelerator_on_host({'CUDA_VISIBLE_DEVICES': '0,1'}) == 'CUDA_VISIBLE_DEVICES=0,1'
-  assert hostenv.accelerator_on_host({'TPU_WORKER_ID': '3'}) == 'TPU_WORKER_ID=3'
-  monkeypatch.setattr(hostenv.glob, 'glob',
+  monkeypatch.setattr(host.glob, 'glob', lambda pattern: [])
+  assert host.accelerator_on_host({}) is None
+  assert host.accelerator_on_host({'JAX_PLATFORMS': 'cpu'}) is None
+  assert host.accelerator_on_host({'CUDA_VISIBLE_DEVICES': ''}) is None
+  assert host.accelerator_on_host({'JAX_PLATFORMS': 'tpu'}) == 'JAX_PLATFORMS=tpu'
+  assert host.accelerator_on_host({'CUDA_VISIBLE_DEVICES': '0,1'}) == 'CUDA_VISIBLE_DEVICES=0,1'
+  assert host.accelerator_on_host({'TPU_WORKER_ID': '3'}) == 'TPU_WORKER_ID=3'
+  monkeypatch.setattr(host.glob, 'glob',
                       lambda pattern: ['/dev/accel0'] if 'accel' in pattern else [])
-  assert hostenv.accelerator_on_host({}) == '/dev/accel0'
+  assert host.accelerator_on_host({}) == '/dev/accel0'
 
 
 @pytest.mark.parametrize('variable', ['CUDA_VISIBLE_DEVICES=0', 'TPU_ACCELERATOR_TYPE=v5litepod-8'])
@@ -155,8 +155,8 @@ def test_a_real_process_on_a_simulated_accelerator_host_is_not_reexecuted(variab
   """Nothing is re-executed or preloaded: the process goes on with the caller's environment."""
   name, value = variable.split('=')
   env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT,
-                      *hostenv.CALLER_VARS.values())}
+         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', host.OPT_OUT,
+                      *host.CALLER_VARS.values())}
   env.update({name: value, 'XDG_CACHE_HOME': str(tmp_path)})
   code = ('import os; from cosmos_jax.xla_cpu import host; '
           'host.reexec_with_malloc_tuning(["train", "--config", "configs/demo.py"]); '
@@ -170,18 +170,18 @@ def test_a_real_process_on_a_simulated_accelerator_host_is_not_reexecuted(variab
 
 def test_thp_setting_is_read_from_the_kernel_file(tmp_path, monkeypatch):
   f = tmp_path / 'enabled'
-  monkeypatch.setattr(hostenv, 'THP_SETTING', str(f))
-  assert not hostenv._thp_available()            # no such file
+  monkeypatch.setattr(host, 'THP_SETTING', str(f))
+  assert not host._thp_available()            # no such file
   f.write_text('always [madvise] never\n')
-  assert hostenv._thp_available()
+  assert host._thp_available()
   f.write_text('always madvise [never]\n')
-  assert not hostenv._thp_available()
+  assert not host._thp_available()
 
 
 def test_the_program_reexecutes_once_and_runs(tmp_path):
   env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', hostenv.OPT_OUT,
-                      *hostenv.CALLER_VARS.values())}
+         if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', host.OPT_OUT,
+                      *host.CALLER_VARS.values())}
   env['XDG_CACHE_HOME'] = str(tmp_path)
   code = ('import os, sys; sys.argv = ["cosmos-jax", "bench", "--help"]; '
           'print("PARENT"); from cosmos_jax import cli; cli.run()')
@@ -190,7 +190,7 @@ def test_the_program_reexecutes_once_and_runs(tmp_path):
   assert out.returncode == 0, out.stderr
   assert out.stdout.count('usage: cosmos-jax bench') == 1
   assert out.stdout.count('PARENT') == 1   # the child runs the CLI module, not the -c code
-  if hostenv._glibc_version() >= (2, 35) and shutil.which('cc'):
+  if host._glibc_version() >= (2, 35) and shutil.which('cc'):
     assert list((tmp_path / 'cosmos_jax').glob('block_cache-*.so'))
 
 
@@ -198,14 +198,14 @@ def test_the_program_reexecutes_once_and_runs(tmp_path):
 
 @pytest.fixture(scope='module')
 def block_cache(tmp_path_factory):
-  if not sys.platform.startswith('linux') or not hostenv._glibc_version():
+  if not sys.platform.startswith('linux') or not host._glibc_version():
     pytest.skip('the block cache is for glibc on Linux')
   if not shutil.which('cc'):
     pytest.skip('no C compiler')
   cache = tmp_path_factory.mktemp('cache')
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv('XDG_CACHE_HOME', str(cache))
-    library = hostenv.block_cache_library()
+    library = host.block_cache_library()
   assert library and library.startswith(str(cache))
   return library
 
@@ -318,10 +318,10 @@ def test_rehome_state_copies_the_arrays_keeping_values_and_shardings(monkeypatch
   tree = {'w': big, 'step': jax.numpy.int32(3)}
 
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.mmap_threshold=33554432')
-  assert hostenv.rehome_state(tree) is tree   # no huge pages: nothing to gain, nothing done
+  assert host.rehome_state(tree) is tree   # no huge pages: nothing to gain, nothing done
 
   monkeypatch.setenv('GLIBC_TUNABLES', ':'.join(ALL))
-  moved = hostenv.rehome_state(tree)
+  moved = host.rehome_state(tree)
   assert moved['w'].sharding == big.sharding
   np.testing.assert_array_equal(moved['w'], np.arange(48).reshape(8, 6))
   assert int(moved['step']) == 3
