@@ -39,13 +39,16 @@ _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def time_official_step(repo: str, config: Any, repeats: int = 5) -> dict[str, Any]:
+def time_official_step(repo: str, config: Any, repeats: int = 5, device: str = 'cpu',
+                       precision: str = 'fp32') -> dict[str, Any]:
   """Median seconds of the official train step at ``config``'s variant, batch and crops.
 
   Args:
     repo: a checkout of github.com/ExplainableML/cosmos (the folder holding ``src/``).
     config: a run config (``cosmos_jax.config.base_config()`` layout).
     repeats: timed steps (after one warm-up step).
+    device: torch device of their model and batch ('cpu' or 'cuda').
+    precision: their ``--precision`` ('fp32'; 'amp_bf16' beside our bfloat16 on a GPU).
 
   Returns:
     {'official_step_s', 'official_samples_per_s', 'official_commit',
@@ -71,6 +74,7 @@ def time_official_step(repo: str, config: Any, repeats: int = 5) -> dict[str, An
       'warmup': int(config.optim.warmup_steps), 'total_steps': int(config.total_steps),
       'momentum': float(config.ema.momentum), 'seed': int(config.seed),
       'repeats': int(repeats), 'threads': os.cpu_count() or 1,
+      'device': device, 'precision': precision,
   }
   # The caller's environment, without the malloc tunables cosmos-jax set for itself: the
   # official step runs as its own users run it.
@@ -102,9 +106,10 @@ def _commit(repo: str) -> str | None:
 class _Loader:
   """The ``data['train']`` object their loop reads: set_epoch, dataloader, num_batches."""
 
-  def __init__(self, batch, steps: int, batch_size: int):
+  def __init__(self, batch, steps: int, batch_size: int, sync=lambda: None):
     self.batch, self.num_batches, self.num_samples = batch, steps, steps * batch_size
     self.stamps: list[float] = []
+    self.sync = sync   # on a GPU: wait for the queued step before taking the time
 
   @property
   def dataloader(self):
@@ -116,8 +121,10 @@ class _Loader:
   def __iter__(self):
     import time
     for _ in range(self.num_batches):
+      self.sync()
       self.stamps.append(time.perf_counter())
       yield self.batch
+    self.sync()
     self.stamps.append(time.perf_counter())
 
 
@@ -142,7 +149,8 @@ def _worker(spec: dict) -> dict:
 
   b, n_local, n_cap = spec['batch_size'], spec['num_local'], spec['num_captions']
   args = argparse.Namespace(
-      model='cosmos-bench', device='cpu', precision='fp32', distill=False, siglip=False,
+      model='cosmos-bench', device=spec['device'], precision=spec['precision'], distill=False,
+      siglip=False,
       cosmos=True, accum_freq=1, skip_scheduler=False, use_imagecrop_aug=True,
       global_crops_number=2, local_crops_number=n_local, num_sampled_captions=n_cap,
       fix_momentum=True, momentum_teacher=spec['momentum'], grad_clip_norm=None,
@@ -188,23 +196,32 @@ def _worker(spec: dict) -> dict:
   images = views(2, spec['global_size']) + views(n_local, spec['local_size'])
   text = rng.integers(1, 49406, (b, n_cap, spec['model_cfg']['text_cfg']['context_length']))
   text[..., -1] = 49407
-  loader = _Loader((images, torch.from_numpy(text)), spec['repeats'] + 2, b)
+  cuda = args.device.startswith('cuda')
+  loader = _Loader((images, torch.from_numpy(text)), spec['repeats'] + 2, b,
+                   sync=torch.cuda.synchronize if cuda else (lambda: None))
 
   train_one_epoch(student, teacher, {'train': loader}, loss, 0, optimizer, None, scheduler,
                   None, None, args)
   steps = np.diff(loader.stamps)[1:-1]
   step_s = float(statistics.median(steps))
 
-  x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
+  # torch's matmul rate: float32 2048 on a CPU; bfloat16 8192 on a GPU, where their step's
+  # autocast runs its products in bfloat16.
+  n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+  x = torch.randn(n, n, device=args.device, dtype=dtype)
+  y = torch.randn(n, n, device=args.device, dtype=dtype)
   torch.mm(x, y)
   mm = []
   for _ in range(10):
+    loader.sync()
     start = time.perf_counter()
     torch.mm(x, y)
+    loader.sync()
     mm.append(time.perf_counter() - start)
   return {'official_step_s': step_s, 'official_samples_per_s': b / step_s,
-          'official_threads': torch.get_num_threads(),
-          'official_matmul_flops_per_s': 2 * 2048 ** 3 / statistics.median(mm)}
+          'official_threads': torch.get_num_threads(), 'official_device': args.device,
+          'official_precision': args.precision,
+          'official_matmul_flops_per_s': 2 * n ** 3 / statistics.median(mm)}
 
 
 if __name__ == '__main__':
