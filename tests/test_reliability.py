@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cosmos_jax import models
 from cosmos_jax.errors import RunError, UsageError
-from cosmos_jax.train import checkpoint, checkpoint_integrity, optim, partition, reporting
+from cosmos_jax.train import (checkpoint, checkpoint_diagnosis, checkpoint_integrity, optim,
+                              partition, reporting)
 from cosmos_jax.train import state as state_lib
 
 
@@ -204,6 +205,14 @@ def test_unusable_workdir_is_one_usage_error(tmp_path, make, message):
     checkpoint.check_workdir_writable(str(target))
 
 
+def test_read_only_mount_is_one_usage_error(tmp_path, monkeypatch):
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, 'Read-only file system')
+  monkeypatch.setattr(checkpoint_diagnosis.tempfile, 'TemporaryFile', read_only)
+  with pytest.raises(UsageError, match=r'run is not writable \(Read-only file system\)'):
+    checkpoint.check_workdir_writable(str(tmp_path / 'run'))
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only directories')
 def test_read_only_workdir_is_one_usage_error(tmp_path):
   (tmp_path / 'run').mkdir()
@@ -248,3 +257,22 @@ def _session_starts(directory):
         if event.HasField('session_log') and event.session_log.status == 1:   # START
           steps.append(event.step)
   return steps
+
+
+def test_a_reader_creates_removes_and_moves_nothing(toy_runs, tmp_path):
+  directory = tmp_path / 'ckpt'
+  shutil.copytree(toy_runs[0] / 'stopped', directory)
+  in_progress = directory / '6.orbax-checkpoint-tmp'   # a live run's save being written
+  (in_progress / 'state').mkdir(parents=True)
+  _flip_bit(directory / '4')
+  before = sorted(str(p.relative_to(directory)) for p in directory.rglob('*'))
+  with checkpoint.Checkpointer(directory, read_only=True) as reader:
+    assert reader.all_steps() == [2, 4]
+    state, data, _ = reader.restore_or_none(_target())   # step 4 is skipped, not moved
+    assert int(state['step']) == 2 and data == {'position': 2}
+    with pytest.raises(RuntimeError, match='read-only'):
+      reader.save(8, state, force=True)
+  assert sorted(str(p.relative_to(directory)) for p in directory.rglob('*')) == before
+  with pytest.raises(FileNotFoundError):
+    checkpoint.Checkpointer(tmp_path / 'absent', read_only=True)
+  assert not (tmp_path / 'absent').exists()
