@@ -22,6 +22,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from cosmos_jax.eval.overlays import palette, save_overlay  # noqa: F401  (re-exported)
+
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prompts', 'seg')
 TEMPLATE_FILE = os.path.join(os.path.dirname(PROMPT_DIR), 'openai_templates.txt')
 # SegDataPreProcessor statistics (clip_segmentor.py), RGB order, 0-255 scale.
@@ -87,31 +89,7 @@ def normalize(image: np.ndarray) -> np.ndarray:
   return (image.astype(np.float32) - SEG_MEAN) / SEG_STD
 
 
-# --- drawing ---
-
-
-def palette(n: int = 256) -> np.ndarray:
-  """The PASCAL VOC colour map (bit-interleaved class index)."""
-  idx, out = np.arange(n), np.zeros((n, 3), np.int64)
-  for j in range(8):
-    for c in range(3):
-      out[:, c] |= ((idx >> (3 * j + c)) & 1) << (7 - j)
-  return out.astype(np.uint8)
-
-
-def save_overlay(path: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray,
-                 ignore_index: int = 255) -> None:
-  """image | ground truth | prediction, the label maps blended over the image."""
-  pal = palette()
-
-  def paint(lab):
-    colour = pal[np.clip(lab, 0, 255)].astype(np.float32)
-    colour[lab == ignore_index] = 255
-    return (0.4 * image + 0.6 * colour).astype(np.uint8)
-
-  gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-  panel = np.concatenate([image, gap, paint(label), gap, paint(pred)], axis=1)
-  Image.fromarray(panel).save(path)
+# --- drawing: palette and save_overlay live in overlays.py, re-exported here ---
 
 
 # --- class-name files ---

@@ -339,6 +339,9 @@ def evaluate_segmentation(model_config: ModelConfig, params: Mapping, dataset: A
   acc = IoUAccumulator(len(class_lines))
   if overlay_dir:
     os.makedirs(overlay_dir, exist_ok=True)
+  legend_names = [line.split(', ')[0].strip() for line in class_lines]
+  if seg_config.with_background:  # VOC21 / COCO-Object line 0 lists background words
+    legend_names[0] = 'background'
 
   def load(i):
     key, image, label = dataset[i]
@@ -352,13 +355,11 @@ def evaluate_segmentation(model_config: ModelConfig, params: Mapping, dataset: A
     acc.update(pred, label)
     if overlay_dir and i < num_overlays:
       name = str(key).replace(os.sep, '_').replace('/', '_')
-      save_overlay(os.path.join(overlay_dir, f'{name}.png'), image, label, pred)
+      save_overlay(os.path.join(overlay_dir, f'{name}.png'), image, label, pred,
+                   class_names=legend_names)
     bar.update(1)
   bar.close()
   result = acc.compute()
-  names = [line.split(', ')[0].strip() for line in class_lines]
-  if seg_config.with_background:  # VOC21 / COCO-Object line 0 lists background words
-    names[0] = 'background'
-  result['IoU'] = dict(zip(names, result['IoU']))
+  result['IoU'] = dict(zip(legend_names, result['IoU']))
   result.update(dataset=getattr(dataset, 'name', seg_config.name), num_images=n)
   return result
