@@ -1,11 +1,12 @@
 """The demo end to end (a few steps, COSMOS and the CLIP baseline) and its chance levels."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 
-from cosmos_jax import demo
+from cosmos_jax import demo, demo_report
 
 SMALL = ['--config.batch_size=8', '--config.data.synthetic.num_train=64',
          '--config.data.synthetic.num_val=16', '--config.eval.batch_size=8']
@@ -30,20 +31,34 @@ def test_chance_miou_matches_simulated_random_guessing():
   assert demo.chance_levels(20, 40, 3, masks)['mIoU'] == pytest.approx(simulated, abs=0.3)
 
 
+def test_table_mean_and_spread_hand_worked():
+  runs = lambda *v: [{'retrieval': {'synthetic': {'t2i_R@1': x}}} for x in v]
+  groups = [('COSMOS', runs(10.0, 12.0, 14.0)), ('CLIP', runs(5.0, 5.0, 8.0))]
+  header, rows = demo_report.table_cells(groups, {'t2i_R@1': 0.25})
+  assert header == ['metric', 'COSMOS', 'CLIP', 'COSMOS - CLIP', 'chance']
+  row = next(r for r in rows if r[0] == 'retrieval text->image R@1')
+  # means 12 and 6; sample standard deviations sqrt(8/2) = 2 and sqrt(6/2) = 1.73
+  assert row == ['retrieval text->image R@1', '12.0 ± 2.0', '6.0 ± 1.7', '+6.0', '0.25']
+  missing = next(r for r in rows if r[0] == 'shape classification top-1')
+  assert missing[1:4] == ['', '', '']   # a metric no run has stays empty, not zero
+
+
 def test_demo_compare_trains_both_and_reports(tmp_path):
-  report = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL)
-  assert '| metric | COSMOS | CLIP | chance |' in report
+  report = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL, seeds=(0, 1))
+  assert '| metric | COSMOS | CLIP | COSMOS - CLIP | chance |' in report
   assert '| retrieval text->image R@1 |' in report and 'reused' not in report
+  assert 'over 2 seeds' in report and ' ± ' in report
   for name, tree in (('cosmos', 'teacher'), ('clip', 'student')):
-    run = tmp_path / name
-    assert (run / 'plots' / 'curves.png').is_file()
-    out = run / 'eval' / 'step_2' / tree
-    assert (out / 'results.json').is_file() and (out / 'retrieval_synthetic_val.png').is_file()
-    assert any(f.endswith('.png') for f in os.listdir(out / 'overlays_synthetic'))
-    assert str(out / 'overlays_synthetic') in report
-  assert (tmp_path / 'compare.png').is_file()
+    for run in (tmp_path / name, tmp_path / f'{name}_seed1'):
+      assert (run / 'plots' / 'curves.png').is_file()
+      out = run / 'eval' / 'step_2' / tree
+      assert (out / 'results.json').is_file() and (out / 'retrieval_synthetic_val.png').is_file()
+      assert any(f.endswith('.png') for f in os.listdir(out / 'overlays_synthetic'))
+    assert str(tmp_path / name / 'eval' / 'step_2' / tree / 'overlays_synthetic') in report
+  assert (tmp_path / 'summary.png').is_file()
+  assert json.loads((tmp_path / 'cosmos_seed1' / 'config.json').read_text())['seed'] == 1
   # A second call reuses the finished runs and prints the same table.
-  again = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL)
-  assert again.count('reused a finished run') == 2
+  again = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL, seeds=(0, 1))
+  assert again.count('reused a finished run') == 4
   table = lambda text: [l for l in text.splitlines() if l.startswith('|')]
   assert table(again) == table(report)
