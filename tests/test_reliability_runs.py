@@ -1,8 +1,10 @@
 """Real runs that are read, interrupted or resumed wrongly: a live trainer beside readers,
 Ctrl-C once and twice, a resume at another batch size or with another model."""
 
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +162,25 @@ def test_resume_with_another_model_variant_names_the_fields(tmp_path):
   with pytest.raises(UsageError, match=r"holds another model.*model\.cosmos: True -> False"):
     loop.train(tiny_config(**{'model.cosmos': False, 'eval.which': 'student'}), str(workdir))
   assert _steps(workdir / 'checkpoints') == [2]   # not taken for damage
+
+
+@pytest.mark.slow   # three short runs of the loop, each compiling the tiny step (~1 min)
+def test_metrics_have_one_row_per_step_after_two_kills(tmp_path, capsys):
+  """A kill after a step's metrics but before its checkpoint leaves rows past the newest
+  checkpoint; removing that step's checkpoint makes the same state as such a kill."""
+  workdir = tmp_path / 'run'
+  ckpts = workdir / 'checkpoints'
+  def run(total_steps):
+    config = tiny_config(total_steps=total_steps)
+    config.eval.tasks = ()
+    return loop.train(config, str(workdir))
+  run(3)                                   # checkpoints 2 and 3 (the last step is saved)
+  shutil.rmtree(ckpts / '3')               # "killed" before step 3 was saved
+  run(5)                                   # resumes at 2: checkpoints 2, 4, 5
+  assert 'resumed from step 2' in capsys.readouterr().out
+  shutil.rmtree(ckpts / '5')
+  result = run(6)                          # resumes at 4
+  assert 'resumed from step 4' in capsys.readouterr().out
+  assert result['step'] == 6
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
