@@ -45,7 +45,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
   from cosmos_jax import config_cli
   from cosmos_jax.train import loop
-  args.session.log_to(os.path.join(args.workdir, 'train.log'))
+  if '://' not in args.workdir:   # a URL is refused by the loop; create nothing locally for it
+    args.session.log_to(os.path.join(args.workdir, 'train.log'))
   logging.info('cosmos-jax %s', ' '.join(args.argv), extra={'file_only': True})
   config = config_cli.load_config_file(args.config)
   config_cli.apply_overrides(config, args.overrides)
