@@ -1,5 +1,5 @@
 """Real runs that are read, interrupted or resumed wrongly: a live trainer beside readers,
-Ctrl-C once and twice, a resume at another batch size or with another model."""
+Ctrl-C once and twice, a resume at another batch size or with another model, two kills."""
 
 import json
 import os
