@@ -43,6 +43,9 @@ def test_table_mean_and_spread_hand_worked():
   assert missing[1:4] == ['', '', '']   # a metric no run has stays empty, not zero
 
 
+# Slow (about 4 min on 2 loaded cores, four 2-step trainings): the only end-to-end check that
+# `make demo-compare` trains every seed of both methods, reuses them and writes summary.png.
+@pytest.mark.slow
 def test_demo_compare_trains_both_and_reports(tmp_path):
   report = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL, seeds=(0, 1))
   assert '| metric | COSMOS | CLIP | COSMOS - CLIP | chance |' in report
