@@ -42,15 +42,25 @@ class StepConfig:
   rules: Sequence[tuple[str, Any]] = ()
 
 
-class UpdateOrdering:
-  """Where the update of the donated trees may be ordered after their other readers.
+def zero_after(*scalars: jax.Array) -> jax.Array:
+  """A zero computed from ``scalars``: adding it orders an op after them (XLA cannot fold it
+  away; NaN only where a scalar is NaN, never for an infinite one)."""
+  return jnp.minimum(sum(jnp.abs(x) for x in scalars), 0)
 
-  The identity here. A backend may order them so that its compiler updates the donated
-  state in place (XLA:CPU's: ``cosmos_jax/xla_cpu/donation.py``); values are unchanged.
+
+class UpdateOrdering:
+  """Orders the updates of the donated trees after their other readers; values unchanged.
+
+  XLA writes a donated buffer in place only when every read of the old value comes first in
+  the data flow, else it copies the whole tree first. On every backend the EMA's momentum
+  takes a zero computed from the loss, so the teacher is written after the teacher forward
+  has read it (one scalar dependency; without it XLA copies the teacher each step). The
+  student's update stays as it is here; XLA:CPU's ordering (``xla_cpu/donation.py``) orders
+  it too, at the price of a collective on sharded meshes.
   """
 
   def teacher_momentum(self, momentum: jax.Array, loss: jax.Array) -> jax.Array:
-    return momentum
+    return momentum + zero_after(loss)
 
   def student_params(self, new_params: Any, grad_norm: jax.Array,
                      new_teacher: Optional[Any]) -> Any:
