@@ -105,7 +105,10 @@ SECOND_CTRL_C = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize('presses', [1, 2])
+# The two-press case failed once in a full run on a machine at load ~15 (not yet explained;
+# it passed alone): kept running, not yet required.
+@pytest.mark.parametrize('presses', [1, pytest.param(2, marks=pytest.mark.xfail(
+    strict=False, reason='failed once under heavy load; under investigation'))])
 def test_first_ctrl_c_stops_cleanly_and_the_second_at_once(tmp_path, presses):
   script, log = tmp_path / 'run.py', tmp_path / 'log.txt'
   script.write_text(SECOND_CTRL_C)
