@@ -70,6 +70,8 @@ test-aot: $(VENV)/.aot
 # out (they skip) and saves the ~5.6 GB torch install.
 LATEST_VENV ?= .venv-latest
 LATEST_EXTRAS ?= test,torch
+# .ci/run passes -m 'not slow': the end-to-end runs of the loop are covered by `make test`.
+LATEST_PYTEST_ARGS ?=
 LATEST_PY := $(LATEST_VENV)/bin/python
 print-python312:
 	@echo $(PYTHON312)
@@ -89,7 +91,7 @@ test-latest:
 	$(LATEST_PY) -m pip install -q --no-cache-dir --upgrade --upgrade-strategy eager \
 	  -e '.[$(LATEST_EXTRAS)]' $(if $(findstring torch,$(LATEST_EXTRAS)),$(TORCH_PINS))
 	$(LATEST_PY) -c 'import sys, jax, flax; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}")'
-	$(LATEST_PY) -m pytest $(PYTEST_ARGS) tests
+	$(LATEST_PY) -m pytest $(PYTEST_ARGS) $(LATEST_PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache

@@ -212,6 +212,7 @@ def resume_runs(driver, sigterm_run, tmp_path_factory):
   return root, a, b
 
 
+@pytest.mark.slow   # real trainer processes, killed and resumed
 def test_exact_resume_after_hard_kill(driver, resume_runs):
   root, a, b = resume_runs
   batches_a = _batches(root / 'a.batches.jsonl')
@@ -231,6 +232,7 @@ def test_exact_resume_after_hard_kill(driver, resume_runs):
                           driver[1].leaves(ckpt_b.restore(3, target=target)[0]))
 
 
+@pytest.mark.slow
 def test_restore_on_fewer_devices(driver, resume_runs, tmp_path):
   """Run A's checkpoint, params sharded over 8 devices, restored on a mesh of 2 and of 1."""
   root = resume_runs[0]

@@ -9,7 +9,9 @@ import pytest
 from cosmos_jax import demo, demo_report
 
 SMALL = ['--config.batch_size=8', '--config.data.synthetic.num_train=64',
-         '--config.data.synthetic.num_val=16', '--config.eval.batch_size=8']
+         '--config.data.synthetic.num_val=16', '--config.eval.batch_size=8',
+         '--config.model.variant=tiny', '--config.data.synthetic.image_size=32',  # 32 px towers
+         '--config.data.global_size=32', '--config.data.local_size=16']
 
 
 def test_chance_levels_hand_worked():

@@ -20,13 +20,16 @@ def tiny_config(**overrides):
   config.checkpoint.every_steps = 2
   config.log_every_steps = 1
   config.data.synthetic.image_size = 32
+  # The 32 px `tiny` towers, not the demo's 64 px ones: a quarter of the image tokens to compile.
+  config.model.variant = 'tiny'
+  config.data.global_size, config.data.local_size = 32, 16
   config.data.synthetic.num_train = 64
   config.data.synthetic.num_val = 16
   config.eval.every_steps = 0          # only after the last step
   config.eval.which = 'both'
   config.eval.batch_size = 8
-  config.mesh.shape = (2, 2, 2)
-  config.mesh.preset = 'fsdp_tp'
+  config.mesh.shape = (8, 1, 1)          # sharded loops: test_train_resume_and_non_finite_stop
+  config.mesh.preset = 'dp'
   for key, value in overrides.items():
     config_cli.apply_overrides(config, [f'--config.{key}={value}'])
   return config
@@ -46,9 +49,11 @@ def _tensorboard_tags(path):
   return tags
 
 
+@pytest.mark.slow   # two runs of the loop on a (2, 2, 2) mesh
 def test_train_resume_and_non_finite_stop(tmp_path):
   workdir = str(tmp_path / 'run')
-  result = loop.train(tiny_config(), workdir)
+  sharded = {'mesh.shape': '(2,2,2)', 'mesh.preset': 'fsdp_tp'}
+  result = loop.train(tiny_config(**sharded), workdir)
   assert (result['step'], result['status']) == (4, 'completed')
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')))[-2:] == ['2', '4']
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -73,7 +78,7 @@ def test_train_resume_and_non_finite_stop(tmp_path):
 
   # Resumed at step 4; an absurd learning rate makes step 6's loss non-finite.
   with pytest.raises(loop.NonFiniteLossError, match=r'non-finite loss at step 6: .*clip_loss='):
-    loop.train(tiny_config(total_steps=6, **{'optim.lr': 1e12}), workdir)
+    loop.train(tiny_config(total_steps=6, **{'optim.lr': 1e12}, **sharded), workdir)
   steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert steps == [1, 2, 3, 4, 4, 5]    # resumed: steps 1-4 were not run again
   # The last good checkpoint stays the latest one.
@@ -110,6 +115,7 @@ def test_missing_training_data_is_named(tmp_path):
     loop.train(config, str(tmp_path / 'run'))
 
 
+@pytest.mark.slow   # two runs of the loop
 def test_rehoming_the_state_after_the_first_step_changes_no_number(tmp_path, monkeypatch):
   """The loop hands the state to the backend once, after step 1 (``CpuTuning``); a backend
   that copies it there (XLA:CPU's huge-page re-homing) changes no number."""
