@@ -169,7 +169,7 @@ def test_resume_with_another_model_variant_names_the_fields(tmp_path):
   assert _steps(workdir / 'checkpoints') == [2]   # not taken for damage
 
 
-@pytest.mark.slow   # three short runs of the loop (one compile: the same program each time)
+@pytest.mark.slow   # three short runs of the loop, each compiling the tiny step
 def test_metrics_have_one_row_per_step_after_two_kills(tmp_path, capsys, monkeypatch):
   """A kill after a step's metrics but before its checkpoint leaves rows past the newest
   checkpoint; removing that step's checkpoint makes the same state as such a kill."""
@@ -178,7 +178,7 @@ def test_metrics_have_one_row_per_step_after_two_kills(tmp_path, capsys, monkeyp
   should_stop = checkpoint.should_stop
 
   def run(stop_at):
-    # Every run has the same config (so the same compiled step); it stops after `stop_at`
+    # Every run has the same config (the same schedule); it stops after `stop_at`
     # the way a SIGTERM does, saving that step.
     monkeypatch.setattr(checkpoint, 'should_stop', lambda flag, step, ckpt: (
         step == stop_at or should_stop(flag, step, ckpt)))
