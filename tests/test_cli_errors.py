@@ -11,15 +11,15 @@ import pytest
 
 from cosmos_jax import cli
 
+from test_loop import SMALL_TOWERS
+
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 DEMO = os.path.join(ROOT, 'configs', 'demo.py')
 # The tiny model on 8 fake CPU devices, small enough to compile in seconds.
 TINY = ['--config.batch_size=8', '--config.mesh.shape=(8,1,1)', '--config.log_every_steps=1',
         '--config.data.synthetic.image_size=32', '--config.data.synthetic.num_train=16',
         '--config.data.synthetic.num_val=8', '--config.eval.every_steps=0',
-        '--config.eval.batch_size=8', '--config.optim.warmup_steps=0',
-        '--config.model.variant=tiny', '--config.data.global_size=32',   # 32 px towers
-        '--config.data.local_size=16']
+        '--config.eval.batch_size=8', '--config.optim.warmup_steps=0', *SMALL_TOWERS]
 
 
 def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ import pytest
 
 from cosmos_jax import demo, demo_report
 
+from test_loop import SMALL_TOWERS
+
 SMALL = ['--config.batch_size=8', '--config.data.synthetic.num_train=64',
-         '--config.data.synthetic.num_val=16', '--config.eval.batch_size=8',
-         '--config.model.variant=tiny', '--config.data.synthetic.image_size=32',  # 32 px towers
-         '--config.data.global_size=32', '--config.data.local_size=16']
+         '--config.data.synthetic.num_val=16', '--config.eval.batch_size=8', *SMALL_TOWERS]
 
 
 def test_chance_levels_hand_worked():

@@ -12,6 +12,12 @@ from cosmos_jax.train import loop
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py')
 
 
+# The 32 px `tiny` towers, not the demo's 64 px ones: a quarter of the image tokens to compile.
+# Shared by the tests that train the demo config, in-process or through the CLI.
+SMALL_TOWERS = ['--config.model.variant=tiny', '--config.data.synthetic.image_size=32',
+                '--config.data.global_size=32', '--config.data.local_size=16']
+
+
 def tiny_config(**overrides):
   config = config_cli.load_config_file(CONFIG)
   config.batch_size = 8
@@ -19,10 +25,7 @@ def tiny_config(**overrides):
   config.optim.warmup_steps = 1
   config.checkpoint.every_steps = 2
   config.log_every_steps = 1
-  config.data.synthetic.image_size = 32
-  # The 32 px `tiny` towers, not the demo's 64 px ones: a quarter of the image tokens to compile.
-  config.model.variant = 'tiny'
-  config.data.global_size, config.data.local_size = 32, 16
+  config_cli.apply_overrides(config, SMALL_TOWERS)
   config.data.synthetic.num_train = 64
   config.data.synthetic.num_val = 16
   config.eval.every_steps = 0          # only after the last step

@@ -19,7 +19,7 @@ from cosmos_jax.errors import UsageError
 from cosmos_jax.train import checkpoint, loop
 from cosmos_jax.train.weights import load_for_eval
 
-from test_loop import tiny_config
+from test_loop import SMALL_TOWERS, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,9 +56,7 @@ def test_readers_beside_a_live_trainer_leave_it_running_and_ctrl_c_saves(tmp_pat
   overrides = ['--config.checkpoint.every_steps=1', '--config.total_steps=100000',
                '--config.batch_size=8', '--config.log_every_steps=1',
                '--config.data.synthetic.num_train=64', '--config.data.synthetic.num_val=16',
-               '--config.eval.every_steps=0', '--config.model.variant=tiny',
-               '--config.data.synthetic.image_size=32', '--config.data.global_size=32',
-               '--config.data.local_size=16']
+               '--config.eval.every_steps=0', *SMALL_TOWERS]
   with open(log, 'w') as f:
     proc = subprocess.Popen([sys.executable, '-m', 'cosmos_jax.cli', 'train', '--config',
                              str(ROOT / 'configs' / 'demo.py'), '--workdir', str(workdir),

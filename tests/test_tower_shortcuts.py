@@ -67,7 +67,8 @@ _REFERENCE = {}
 
 
 def plain_forward(n_layers, params, monkeypatch):
-  """The plain unrolled model's outputs and gradients, once per depth (remat changes none)."""
+  """The plain unrolled model's outputs and gradients, once per depth (remat changes none;
+  ``params`` are the same for a depth in every case: the same keys)."""
   if n_layers not in _REFERENCE:
     with monkeypatch.context() as m:
       m.setattr(cosmos, '_last_block_where_read', every_position)
