@@ -1,14 +1,31 @@
-"""Test setup: 8 fake CPU devices (set before JAX initialises) and shared fixtures."""
+"""Test setup: 8 fake CPU devices (set before JAX initialises) and shared fixtures.
+
+One persistent compilation cache per test run, shared by the xdist workers and the processes
+the tests start (through the environment): the loop's tests compile the same tiny step many
+times, in-process and in real trainer processes. It is new for every run, so every program is
+still compiled at least once by the run that tests it.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'pid{os.getpid()}'
+_CACHE = os.path.join(tempfile.gettempdir(), f'cosmos_jax_test_compile_cache_{_RUN}')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 import jax  # noqa: E402  (must come after the flags above)
 import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def pytest_sessionfinish(session):
+  if not os.environ.get('PYTEST_XDIST_WORKER'):   # the controller, after every worker
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

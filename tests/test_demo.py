@@ -45,25 +45,25 @@ def test_table_mean_and_spread_hand_worked():
   assert missing[1:4] == ['', '', '']   # a metric no run has stays empty, not zero
 
 
-# Slow (about 4 min on 2 loaded cores, four 2-step trainings): the only end-to-end check that
+# Slow (about 4 min on 2 loaded cores, four 1-step trainings): the only end-to-end check that
 # `make demo-compare` trains every seed of both methods, reuses them and writes summary.png.
 @pytest.mark.slow
 def test_demo_compare_trains_both_and_reports(tmp_path):
-  report = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL, seeds=(0, 1))
+  report = demo.run_demo(str(tmp_path), compare=True, steps=1, overrides=SMALL, seeds=(0, 1))
   assert '| metric | COSMOS | CLIP | COSMOS - CLIP | chance |' in report
   assert '| retrieval text->image R@1 |' in report and 'reused' not in report
   assert 'over 2 seeds' in report and ' ± ' in report
   for name, tree in (('cosmos', 'teacher'), ('clip', 'student')):
     for run in (tmp_path / name, tmp_path / f'{name}_seed1'):
       assert (run / 'plots' / 'curves.png').is_file()
-      out = run / 'eval' / 'step_2' / tree
+      out = run / 'eval' / 'step_1' / tree
       assert (out / 'results.json').is_file() and (out / 'retrieval_synthetic_val.png').is_file()
       assert any(f.endswith('.png') for f in os.listdir(out / 'overlays_synthetic'))
-    assert str(tmp_path / name / 'eval' / 'step_2' / tree / 'overlays_synthetic') in report
+    assert str(tmp_path / name / 'eval' / 'step_1' / tree / 'overlays_synthetic') in report
   assert (tmp_path / 'summary.png').is_file()
   assert json.loads((tmp_path / 'cosmos_seed1' / 'config.json').read_text())['seed'] == 1
   # A second call reuses the finished runs and prints the same table.
-  again = demo.run_demo(str(tmp_path), compare=True, steps=2, overrides=SMALL, seeds=(0, 1))
+  again = demo.run_demo(str(tmp_path), compare=True, steps=1, overrides=SMALL, seeds=(0, 1))
   assert again.count('reused a finished run') == 4
   table = lambda text: [l for l in text.splitlines() if l.startswith('|')]
   assert table(again) == table(report)

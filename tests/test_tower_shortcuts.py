@@ -76,13 +76,17 @@ def plain_forward(n_layers, params, monkeypatch):
   return _REFERENCE[n_layers]
 
 
-@pytest.mark.parametrize('form', FORMS)
-@pytest.mark.parametrize('n_layers,remat', [(2, False), (4, False), (4, True)])
+# (form, depth, remat): depth 2 is a body of one block (the last, computed where read); remat
+# goes through each form's own path (nn.remat per block, the stack's remat of its scanned body,
+# the scan's remat); one depth is enough for the CPU kernel (tests/test_attention.py has the
+# rest). Each case compiles the student and the teacher with their gradients.
+CASES = [('last_block_where_read', 2, False), ('last_block_where_read', 4, True),
+         ('cpu_stack', 4, False), ('cpu_stack', 4, True), ('scan_layers', 4, True),
+         ('cpu_custom_attention', 4, False)]
+
+
+@pytest.mark.parametrize('form,n_layers,remat', CASES)
 def test_student_and_teacher_match_the_plain_forward(n_layers, remat, form, monkeypatch):
-  if form == 'cpu_custom_attention' and (n_layers, remat) != (4, False):
-    pytest.skip('one depth is enough for the kernel (tests/test_attention.py has the rest)')
-  if form == 'cpu_stack' and n_layers == 2:
-    pytest.skip('a body of one block: the unrolled path of depth 4 covers it')
   cfg = deep_tiny(n_layers)
   params = models.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
