@@ -13,12 +13,10 @@ leaves the previous checkpoint the latest one; the trainer removes such leftover
 opens the directory. A reader (``read_only=True``: evaluation beside a live run) creates,
 cleans and deletes nothing.
 
-Resuming verifies the newest step and restores it; a damaged one (a file missing, truncated
-or changed, or unreadable to orbax) is named in one warning, moved to ``damaged/<s>-<why>``
-and the next older step is tried (``fallback=False``: an error instead). A step whose arrays
-do not fit the run's model is not damage but a usage error naming the config fields that
-differ. A failed save (a full disk) is reported as one ``RunError`` as soon as it is known,
-with the previous checkpoint intact.
+Resuming (``checkpoint_restore``) verifies the newest step and restores it; a damaged one is
+named in one warning, moved to ``damaged/<s>-<why>`` and the next older step is tried
+(``fallback=False``: an error instead). A failed save (a full disk) is reported as one
+``RunError`` as soon as it is known, with the previous checkpoint intact.
 
 Restoring takes the target as ShapeDtypeStructs with shardings (``state.abstract_state``):
 orbax reads each shard for the target's sharding, so a checkpoint written on one mesh
@@ -38,31 +36,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from cosmos_jax.errors import RunError, UsageError
+from cosmos_jax.errors import RunError
 from cosmos_jax.train import checkpoint_diagnosis as diagnosis
 from cosmos_jax.train import checkpoint_integrity as integrity
 from cosmos_jax.train.checkpoint_diagnosis import check_workdir_writable  # noqa: F401
+from cosmos_jax.train.checkpoint_restore import Restored, Restorer
+from cosmos_jax.train.distributed import allgather_json
 from cosmos_jax.train.preemption import (  # noqa: F401  (part of this module's interface)
     PreemptionFlag, install_sigterm_handler, install_stop_handlers, should_stop)
 
 log = logging.getLogger(__name__)
-
-DAMAGED_DIR = 'damaged'
-
-
-def _gather_json(obj: Any) -> list[Any]:
-  """The JSON-serialisable ``obj`` of every process, in process order (a collective)."""
-  if jax.process_count() == 1:
-    return [obj]
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
-  buf = np.zeros(int(sizes.max()), np.uint8)
-  buf[:data.size] = data
-  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
-  return [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes)]
 
 
 def _pytree_handler(replica_parallel: bool) -> ocp.PyTreeCheckpointHandler:
@@ -81,16 +66,6 @@ def _pytree_handler(replica_parallel: bool) -> ocp.PyTreeCheckpointHandler:
       (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
       (np.ndarray, th.NumpyHandler()), (jax.Array, arrays), (str, th.StringHandler()))
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
-def _as_dict(config: Any) -> Any:
-  return config.to_dict() if hasattr(config, 'to_dict') else config
-
-
-class _Damaged(Exception):
-  def __init__(self, damage: integrity.Damage, cause: Optional[BaseException] = None):
-    super().__init__(str(damage))
-    self.damage, self.cause = damage, cause
 
 
 class Checkpointer:
@@ -147,6 +122,8 @@ class Checkpointer:
       registry.add(item, ocp.args.JsonRestore, json_handler)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        handler_registry=registry)
+    self._restorer = Restorer(self._mngr, self.directory, read_only=read_only,
+                              fallback=fallback, read_config=self.read_config)
 
   # Saving.
 
@@ -171,10 +148,10 @@ class Checkpointer:
     self._finish_pending()
     args = {'state': ocp.args.PyTreeSave(state)}
     if data_state is not None:
-      states = _gather_json(data_state)
+      states = allgather_json(data_state)
       args['data'] = ocp.args.JsonSave({'process_count': len(states), 'states': states})
     if config is not None:
-      args['config'] = ocp.args.JsonSave(_as_dict(config))
+      args['config'] = ocp.args.JsonSave(diagnosis.as_dict(config))
     self._save_bytes, self._pending, self._recording = diagnosis.nbytes(state), step, step
     try:
       saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
@@ -249,7 +226,7 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def restore(self, step: Optional[int] = None, *, target: Any,
-              config: Any = None) -> tuple[Any, Optional[dict], Optional[dict]]:
+              config: Any = None) -> Restored:
     """(state, this host's data state or None, config or None) of ``step`` (default: latest).
 
     ``target``: the abstract state, ShapeDtypeStructs with the shardings wanted now.
@@ -261,126 +238,16 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'no finalised checkpoint in {self.directory}')
     self._finish_pending()   # a save of this step may still be in flight
-    try:
-      return self._restore_verified(step, target, config)
-    except _Damaged as d:
-      raise RunError(f'the checkpoint of step {step} in {self.directory} is damaged: '
-                     f'{d.damage}') from d.cause
+    return self._restorer.restore(step, target, config)
 
-  def restore_or_none(self, target: Any, *, config: Any = None
-                      ) -> Optional[tuple[Any, Optional[dict], Optional[dict]]]:
+  def restore_or_none(self, target: Any, *, config: Any = None) -> Optional[Restored]:
     """The newest step that verifies and restores, or None if there is none (a fresh run).
 
     Each damaged newer step is named in one warning and, unless read-only, moved to
     ``damaged/``; with ``fallback=False`` the first one raises RunError instead.
     """
     self._finish_pending()
-    damaged: list[int] = []
-    for _ in range(3):   # a reader may see the live run delete a step it was about to read
-      vanished = False
-      for step in sorted(self.all_steps(), reverse=True):
-        if step in damaged:
-          continue
-        try:
-          restored = self._restore_verified(step, target, config)
-        except _Damaged as d:
-          if self.read_only and not (self.directory / str(step)).is_dir():
-            vanished = True
-            break
-          if not self.fallback:
-            raise RunError(f'the checkpoint of step {step} in {self.directory} is damaged: '
-                           f'{d.damage}; move it away, or set --config.checkpoint.fallback=True'
-                           ' to resume from the newest one that restores') from d.cause
-          log.warning('checkpoint of step %d is damaged: %s; %s', step, d.damage,
-                      self._set_aside(step, d.damage))
-          damaged.append(step)
-          continue
-        if damaged:
-          log.warning('resuming from step %d, the newest checkpoint that restores and '
-                      'verifies (damaged: %s)', step, ', '.join(map(str, damaged)))
-        return restored
-      if not vanished:
-        break
-      self._mngr.reload()
-    if damaged:
-      raise RunError(f'no checkpoint in {self.directory} restores: steps '
-                     f'{", ".join(map(str, damaged))} are damaged'
-                     + ('' if self.read_only else f' (kept in {self.directory / DAMAGED_DIR})'))
-    return None
-
-  def _agree(self, local: Optional[integrity.Damage]) -> Optional[integrity.Damage]:
-    """The first host's damage if any host found one: every host decides alike."""
-    if jax.process_count() == 1:
-      return local
-    found = _gather_json(None if local is None else [local.tag, local.detail])
-    return next((integrity.Damage(*f) for f in found if f is not None), None)
-
-  def _restore_verified(self, step: int, target: Any, config: Any):
-    step_dir = os.fspath(self.directory / str(step))
-    damage = integrity.verify(step_dir) if jax.process_index() == 0 else None
-    if damage := self._agree(damage):
-      raise _Damaged(damage)
-    if not integrity.has_record(step_dir):
-      log.warning('checkpoint of step %d has no integrity record (saved by an older version, '
-                  'or the run stopped while writing it): restored unverified', step)
-    try:
-      metadata = self._mngr.item_metadata(step)
-      present = set(metadata.keys())
-      state_metadata = metadata['state'] if 'state' in present else None
-    except Exception as e:
-      raise _Damaged(integrity.Damage('unreadable', f'its metadata is unreadable '
-                                      f'({diagnosis.first_line(e)})'), e) from e
-    if state_metadata is None:
-      raise _Damaged(integrity.Damage('missing', 'its state item is missing'))
-    self._check_fits(step, getattr(state_metadata, 'tree', state_metadata), target, config)
-    args = {'state': ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
-    args.update({k: ocp.args.JsonRestore() for k in ('data', 'config') if k in present})
-    problem, restored = None, None
-    try:
-      restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:   # tensorstore, orbax and JSON errors alike
-      problem = e
-    damage = None if problem is None else integrity.Damage(
-        'unreadable', f'orbax could not read it ({diagnosis.first_line(problem)})')
-    if damage := self._agree(damage):
-      raise _Damaged(damage, problem)
-    data_state = None
-    if 'data' in present:
-      data = restored['data']
-      if data['process_count'] == jax.process_count():
-        data_state = data['states'][jax.process_index()]
-      else:
-        log.warning('checkpoint %d holds the data state of %d hosts but %d run now; the '
-                    'data stream restarts from its beginning', step, data['process_count'],
-                    jax.process_count())
-    log.info('restored checkpoint of step %d from %s', step, self.directory)
-    return restored['state'], data_state, restored['config'] if 'config' in present else None
-
-  def _check_fits(self, step: int, saved_tree: Any, target: Any, config: Any) -> None:
-    """UsageError naming the differing config fields when the step holds another model."""
-    message = diagnosis.mismatch(saved_tree, target, lambda: self.read_config(step), config)
-    if message:
-      raise UsageError(f'the checkpoint of step {step} in {self.directory} holds another '
-                       f'model than this run ({message}). Resume with the saved config, or '
-                       'give a new --workdir')
-
-  def _set_aside(self, step: int, damage: integrity.Damage) -> str:
-    """Moves a damaged step to damaged/<step>-<tag> (kept for inspection, out of the list)."""
-    if self.read_only:
-      return 'left in place (read-only); trying the previous one'
-    dest = self.directory / DAMAGED_DIR / f'{step}-{damage.tag}'
-    if jax.process_index() == 0:
-      dest.parent.mkdir(parents=True, exist_ok=True)
-      n = 1
-      while dest.exists():
-        n += 1
-        dest = self.directory / DAMAGED_DIR / f'{step}-{damage.tag}-{n}'
-      os.replace(os.fspath(self.directory / str(step)), os.fspath(dest))
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'cosmos_jax checkpoint set aside {step}')
-    self._mngr.reload()
-    return f'moved to {dest}; trying the previous one'
+    return self._restorer.restore_newest(target, config)
 
   def read_config(self, step: Optional[int] = None) -> Optional[dict]:
     """The resolved config saved with ``step`` (default: the newest step whose config reads),

@@ -25,6 +25,7 @@ backend, needed for several CPU processes (``launch/local.sh``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -351,3 +352,16 @@ def host_local_batch_to_global(local_batch: Mapping[str, Any],
     sh = sharding[name] if isinstance(sharding, Mapping) else sharding
     out[name] = jax.make_array_from_process_local_data(sh, value)
   return out
+
+
+def allgather_json(obj: Any) -> list[Any]:
+  """The JSON-serialisable ``obj`` of every process, in process order (a collective)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes)]
