@@ -12,7 +12,7 @@ import pytest
 from cosmos_jax import xla_cpu
 from cosmos_jax.models import layers
 from cosmos_jax.train import partition
-from cosmos_jax.train.step import UpdateOrdering, zero_after
+from cosmos_jax.train.step import UpdateOrdering
 from cosmos_jax.xla_cpu import donation, stack
 
 
@@ -102,4 +102,4 @@ def test_the_in_place_ordering_changes_no_value():
     out = ordering.student_params(params, jnp.float32(3.5), new_teacher)
     jax.tree.map(np.testing.assert_array_equal, out, params)
   assert ordering.teacher_momentum(jnp.float32(0.999), jnp.float32(-7.0)) == jnp.float32(0.999)
-  assert float(zero_after(jnp.float32(jnp.inf))) == 0.0
+  assert float(donation.zero_after(jnp.float32(jnp.inf))) == 0.0

@@ -42,25 +42,17 @@ class StepConfig:
   rules: Sequence[tuple[str, Any]] = ()
 
 
-def zero_after(*scalars: jax.Array) -> jax.Array:
-  """A zero computed from ``scalars``: adding it orders an op after them (XLA cannot fold it
-  away; NaN only where a scalar is NaN, never for an infinite one)."""
-  return jnp.minimum(sum(jnp.abs(x) for x in scalars), 0)
-
-
 class UpdateOrdering:
-  """Orders the updates of the donated trees after their other readers; values unchanged.
+  """Where the donated trees' updates are placed in the step's data flow; values unchanged.
 
-  XLA writes a donated buffer in place only when every read of the old value comes first in
-  the data flow, else it copies the whole tree first. On every backend the EMA's momentum
-  takes a zero computed from the loss, so the teacher is written after the teacher forward
-  has read it (one scalar dependency; without it XLA copies the teacher each step). The
-  student's update stays as it is here; XLA:CPU's ordering (``xla_cpu/donation.py``) orders
-  it too, at the price of a collective on sharded meshes.
+  The default places nothing: XLA:TPU writes the donated teacher and student in place as they
+  are (the tiny step for v5e 2x2 needs no extra temporaries without any ordering, docs/
+  backends.md). XLA:CPU copies a donated tree whose old value is read by ops its update does
+  not depend on; its ordering (``xla_cpu/donation.py``) adds the dependencies.
   """
 
   def teacher_momentum(self, momentum: jax.Array, loss: jax.Array) -> jax.Array:
-    return momentum + zero_after(loss)
+    return momentum
 
   def student_params(self, new_params: Any, grad_norm: jax.Array,
                      new_teacher: Optional[Any]) -> Any:
