@@ -259,13 +259,17 @@ DRIVER = textwrap.dedent('''
     result = to_host({'losses': losses, 'params': state['params'],
                       'teacher': state['teacher_params'], 'step': state['step']})
   result = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), result)
+  # The pipeline's counters are summed over the processes (process p: 2 * per + p seen, p bad).
+  from cosmos_jax.train import reporting
+  counters = reporting.data_counters({'seen': 2 * per + pid, 'skipped': pid})
 
   if distributed.is_primary():
     arrays = {f'{tree}/{jax.tree_util.keystr(path)}': leaf for tree in ('params', 'teacher')
               for path, leaf in jax.tree_util.tree_flatten_with_path(result[tree])[0]}
     np.savez(sys.argv[1], losses=np.stack(result['losses']), step=result['step'],
              process_count=info['process_count'], device_count=info['device_count'],
-             local_device_count=info['local_device_count'], mode=info['mode'], **arrays)
+             local_device_count=info['local_device_count'], mode=info['mode'],
+             counters=[counters['data/seen'], counters['data/skipped']], **arrays)
   print('driver done', info, flush=True)
 ''')
 
@@ -344,6 +348,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
   assert (int(two['process_count']), int(two['local_device_count']),
           int(two['device_count']), str(two['mode'])) == (2, 4, 8, 'explicit')
   assert int(one['step']) == int(two['step']) == 2
+  assert list(one['counters']) == [16, 0] and list(two['counters']) == [8 + 9, 0 + 1]
   np.testing.assert_allclose(two['losses'], one['losses'], rtol=0, atol=1e-5)
   names = [k for k in one.files if k.startswith(('params/', 'teacher/'))]
   assert len(names) > 20 and sorted(names) == sorted(

@@ -62,6 +62,9 @@ def test_train_resume_and_non_finite_stop(tmp_path):
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['step'] for r in records] == [1, 2, 3, 4, 4]   # the last line: the evaluation
   assert {'total_loss', 'clip_loss', 'distill_loss', 'lr', 'steps_per_sec'} <= set(records[0])
+  # The pipeline's counters: 8 records a step, none bad.
+  assert [(r['data/seen'], r['data/skipped']) for r in records[:4]] == [
+      (8, 0), (16, 0), (24, 0), (32, 0)]
   for tree in ('student', 'teacher'):
     r1 = records[-1][f'eval/{tree}/retrieval/synthetic/t2i_R@1']
     assert 0 <= r1 <= 100 and r1 == result['evaluations'][4][
@@ -75,7 +78,7 @@ def test_train_resume_and_non_finite_stop(tmp_path):
   events = os.listdir(os.path.join(workdir, 'tensorboard'))
   assert len(events) == 1 and events[0].startswith('events.out.tfevents')
   assert _tensorboard_tags(os.path.join(workdir, 'tensorboard', events[0])) >= {
-      'train/total_loss', 'eval/teacher/retrieval/synthetic/t2i_R_1'}   # TensorBoard: @ -> _
+      'train/total_loss', 'data/skipped', 'eval/teacher/retrieval/synthetic/t2i_R_1'}   # TensorBoard: @ -> _
   assert result['plots'] == os.path.join(workdir, 'plots', 'curves.png')
   assert open(result['plots'], 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 

@@ -244,6 +244,12 @@ def test_resumed_log_drops_rows_past_the_resumed_step(tmp_path):
   assert purges == [1, 5, 7], purges
 
 
+def test_data_counters_for_the_log():
+  """One host: its counters as they are, the fraction worked by hand (2 of 40)."""
+  assert reporting.data_counters({'seen': 40, 'skipped': 2, 'source_missing': 49}) == {
+      'data/seen': 40, 'data/skipped': 2, 'data/bad_fraction': 0.05, 'data/source_missing': 49}
+
+
 def _session_starts(directory):
   import struct
   from tensorboardX.proto import event_pb2

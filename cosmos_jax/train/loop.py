@@ -125,6 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         bar.update(1)
         if step % config.log_every_steps == 0 or step == config.total_steps:
           last['steps_per_sec'] = (step - start_step) / (time.perf_counter() - start)
+          last.update(reporting.data_counters(data.stats()))
           log.write(step, last)
           bar.set_postfix(loss=f'{last["total_loss"]:.4f}', refresh=False)
           logging.debug('step %d: %s', step, json.dumps(last))

@@ -26,6 +26,21 @@ PANELS = (
 )
 
 
+def data_counters(stats: Mapping[str, Any]) -> dict[str, float]:
+  """The input pipeline's counters over all hosts, for metrics.jsonl (``TrainIterator.stats()``
+  of this host in; a collective with several hosts, so every host calls it at the same steps).
+
+  data/seen and data/skipped: records read and skipped as bad, summed over the hosts;
+  data/bad_fraction: their ratio; data/source_missing: samples the source lost before they
+  became records (shards cut short; the same figure on every host).
+  """
+  rows = distributed.allgather_json([int(stats['seen']), int(stats['skipped'])])
+  seen, skipped = sum(r[0] for r in rows), sum(r[1] for r in rows)
+  return {'data/seen': seen, 'data/skipped': skipped,
+          'data/bad_fraction': skipped / max(seen, 1),
+          'data/source_missing': int(stats.get('source_missing', 0))}
+
+
 class RunLog:
   """metrics.jsonl (one JSON object per logged step) and TensorBoard events in ``workdir``.
 
