@@ -28,13 +28,6 @@ def pytest_sessionfinish(session):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-def pytest_configure(config):
-  # grain's worker processes read absl flags; pytest never parses them.
-  from absl import flags
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 @pytest.fixture(scope='session')
 def torch_modules():
   """torch and open_clip, imported once; the parity tests need real PyTorch."""

@@ -3,7 +3,10 @@
 import io
 import json
 import logging
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -184,6 +187,24 @@ def test_resume_is_exact(workers):
   _assert_batches_equal(head + tail, reference)  # workers change nothing either
   assert resumed.stats() == reference_it.stats()
   resumed.close()
+
+
+def test_workers_start_in_a_program_that_is_not_an_absl_app():
+  """A fresh process (no absl.app.run, no test harness) takes a batch through grain workers."""
+  code = textwrap.dedent("""
+      from cosmos_jax.data import augment, pipeline, sources
+      source = sources.open_source('synthetic:train', image_size=32, num_train=8, num_val=4)
+      cfg = pipeline.PipelineConfig(
+          global_batch_size=4, worker_count=1,
+          multicrop=augment.MultiCropConfig(global_size=32, local_size=16))
+      it = pipeline.make_train_iterator(source, cfg, shard_index=0, shard_count=1)
+      print(next(it)['global'].shape, flush=True)
+      it.close()
+  """)
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '(4, 2, 32, 32, 3)' in out.stdout
 
 
 def test_resume_with_other_worker_count():

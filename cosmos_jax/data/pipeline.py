@@ -156,6 +156,15 @@ def _problems(source) -> list[str]:
   return list(problems()) if callable(problems) else []
 
 
+def _mark_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags, which only absl.app.run parses: without this,
+  any program that is not an absl app (the CLI, a notebook, pytest) fails at its first batch
+  with UnparsedFlagAccessError. The defaults are what we want."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def check_source_losses(source, cfg: PipelineConfig) -> dict[str, Any]:
   """Samples the source lost before they became records (a shard cut short, say), named.
 
@@ -225,6 +234,7 @@ class TrainIterator(grain.DatasetIterator):
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=cfg.read_buffer_size))
     if cfg.worker_count > 0:
+      _mark_absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
     return iter(it)
