@@ -118,6 +118,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
       print(f'written to {args.out}')
     return 0
+  if args.data_pod:   # the input pipeline at the recipe's real sizes, instead of the step
+    from cosmos_jax.bench import data_pod
+    results = data_pod.run(config, workers=args.data_pod, batches=args.data_batches,
+                           aot_json=args.aot_json, out_path=args.out)
+    print(data_pod.format_report(results))
+    if args.out:
+      print(f'written to {args.out}')
+    return 0
   if args.search or args.hlo:
     from cosmos_jax.errors import UsageError
     raise UsageError('--search and --hlo go with --tpu-topology')
@@ -313,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--skip', metavar='SECTIONS',
                  help='comma-separated sections to leave out: train, peak, memory, data, eval')
   p.add_argument('--data-batches', type=int, default=10, help='batches timed from the pipeline')
+  p.add_argument('--data-pod', type=int, nargs='?', const=2, metavar='WORKERS',
+                 help="instead of the step, time the config's input pipeline from JPEG tar "
+                      'shards at 256-512 px that it writes to a temporary directory, in one '
+                      'core and with WORKERS grain workers (default 2), against the official '
+                      "augmentation's 63 samples/s per core")
+  p.add_argument('--aot-json', metavar='FILE',
+                 help='with --data-pod: a --tpu-topology JSON; adds the cores a 4-chip host '
+                      'of that slice needs at its estimated step time')
   p.add_argument('--official-repo', metavar='PATH',
                  help='also time the official PyTorch step from this ExplainableML/cosmos '
                       'checkout and report the speedup')

@@ -10,6 +10,7 @@ import pytest
 from jax.extend import core as jcore
 
 from cosmos_jax import bench, cli, config_cli, models
+from cosmos_jax.bench import data_pod
 from cosmos_jax.bench import flops as flops_lib
 from cosmos_jax.bench import memory as memory_lib
 from cosmos_jax.bench import runner as run_lib
@@ -230,3 +231,27 @@ def test_data_parallelism_splits_the_activations():
   eight = memory.compiled_memory(config, (8, 1, 1))
   assert 'error' not in one and 'error' not in eight
   assert eight['temp_bytes'] < 0.3 * one['temp_bytes'], (one['temp_bytes'], eight['temp_bytes'])
+
+
+def test_data_pod_host_need_by_hand():
+  # 4096 over 256 chips at 0.2 s: 80 samples/s a chip, 320 a 4-chip host; at 40 a core, 8.
+  aot = {'global_batch': 4096, 'devices': 256, 'estimate': {'step_s': 0.2}, 'name': 'v5e-256'}
+  need = data_pod.host_need(aot, per_core=40.0)
+  assert need['host_samples_per_s'] == pytest.approx(320.0) and need['host_cores_needed'] == 8
+
+
+def test_cli_data_pod_at_the_recipes_crop_sizes(tmp_path, capsys):
+  """JPEG tar shards at 256-512 px through the B/16 recipe's pipeline (224 and 96 px crops)."""
+  aot_json = tmp_path / 'aot.json'
+  aot_json.write_text(json.dumps({'aot': {'global_batch': 4096, 'devices': 256, 'name': 'v5e-256',
+                                          'estimate': {'step_s': 0.2}}}))
+  out = tmp_path / 'pod.json'
+  assert cli.main(['bench', '--config', 'configs/merged30m_vitb16.py', '--data-pod', '1',
+                   '--data-batches', '1', '--aot-json', str(aot_json), '--json', str(out),
+                   '--config.batch_size=4']) == 0
+  r = json.loads(out.read_text())['data_pod']
+  assert (r['crops'], r['image_sizes'], r['workers']) == ('2 x 224 + 6 x 96', [256, 384, 512], 1)
+  assert r['samples_per_s_per_core'] > 0 and r['samples_per_s_workers'] > 0
+  assert r['vs_official_per_core'] == pytest.approx(r['samples_per_s_per_core'] / 63.0)
+  assert r['host_cores_needed'] == math.ceil(320.0 / r['samples_per_s_per_core'])
+  assert 'official augmentation' in capsys.readouterr().out
