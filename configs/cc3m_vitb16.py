@@ -13,6 +13,11 @@ Data: DreamLIP-recaptioned CC3M as webdataset tars (image + json with the 7 capt
 2,823,019 samples; override the placeholder root with --config.data.train=PATTERN (tar shards
 on a local or mounted filesystem, or an ArrayRecord dir from `cosmos-jax data convert`).
 On a TPU pod, overrides go in the full command after `--` (launch/tpu_pod.sh --help).
+
+TPU fit (`cosmos-jax bench --tpu-topology v5e-64 --config.mesh.shape='(1,64,1)'` from a CPU
+machine, 2026-12-07, jax 0.10.2, libtpu 0.0.42.1; docs/tpu_recipes.md): float32, fsdp over 64
+v5e chips, 8.14 GiB of 16 GiB per chip (49% free); est. 0.20 s a step (an estimate from XLA's
+cost analysis, HBM-bound, not a measurement).
 Eval: COCO val2017 retrieval under /data/coco each epoch (the reference's CC3M script
 evaluates on CC3M val shards instead).
 

@@ -23,10 +23,11 @@ I2T 92.9 / T2I 80.3, ImageNet zero-shot top-1 57.6. Training-free segmentation m
 with CSA, `cosmos-jax eval`; from a public listing, not the repository): VOC20 77.7,
 Context59 33.7, COCO-Object 31.3, COCO-Stuff171 23.2, Cityscapes 34.7, ADE20K 17.7.
 
-TPU fit (compiled with `cosmos-jax bench --tpu-topology v5e-256 --config.mesh.shape='(1,256,1)'`
-from a CPU machine, 2026-12-02, jax 0.10.2, libtpu 0.0.42.1; docs/tpu_recipes.md): float32,
-fsdp over 256 v5e chips, 8.13 GiB of 16 GiB per chip (49% free); estimated step 0.22 s
-(an estimate from XLA's cost analysis, HBM-bound).
+TPU fit (compiled with `cosmos-jax bench --tpu-topology NAME --config.mesh.shape='(1,N,1)'`
+from a CPU machine, jax 0.10.2, libtpu 0.0.42.1; docs/tpu_recipes.md), float32, fsdp over all
+N chips; step times are estimates from XLA's cost analysis (HBM-bound), not measurements:
+  v5e-256 (1,256,1): 8.13 GiB of 16 GiB per chip (49% free), est. 0.22 s a step (2026-12-02)
+  v4-128  (1,64,1):  27.91 GiB of 32 GiB per chip (13% free), est. 0.41 s a step (2026-12-07)
 """
 
 from cosmos_jax.config import reference_recipe
