@@ -28,6 +28,10 @@ from a CPU machine, jax 0.10.2, libtpu 0.0.42.1; docs/tpu_recipes.md), float32, 
 N chips; step times are estimates from XLA's cost analysis (HBM-bound), not measurements:
   v5e-256 (1,256,1): 8.13 GiB of 16 GiB per chip (49% free), est. 0.22 s a step (2026-12-02)
   v4-128  (1,64,1):  27.91 GiB of 32 GiB per chip (13% free), est. 0.41 s a step (2026-12-07)
+  v5e-64  (1,64,1), --config.model.dtype=bfloat16 --config.model.remat=True: 3.70 GiB of
+          16 GiB (77% free), est. 0.50 s a step (2026-12-07)
+  ViT-L/14 (--config.model.variant=ViT-L-14) on v5p-128 (1,64,1) needs model.remat=True
+          (161 GiB of temporaries without): 13.84 GiB of 95 GiB with scanned layers (2026-12-07)
 """
 
 from cosmos_jax.config import reference_recipe

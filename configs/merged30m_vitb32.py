@@ -13,6 +13,11 @@ TPU pod (64 chips x 64) and SLURM (8 nodes x 8 GPUs):
 
 Data: as configs/merged30m_vitb16.py (CC3M shards 0001..0575, CC12M, YFCC15M joined with '::';
 override with --config.data.train=..., on a TPU pod in the full command after `--`).
+
+TPU fit (`cosmos-jax bench --tpu-topology v5e-256 --config.mesh.shape='(1,256,1)'` from a CPU
+machine, 2026-12-07, jax 0.10.2, libtpu 0.0.42.1; docs/tpu_recipes.md): float32, fsdp over 256
+v5e chips, 5.50 GiB of 16 GiB per chip (66% free); est. 0.15 s a step (an estimate from XLA's
+cost analysis, HBM-bound, not a measurement).
 Eval: COCO val2017 retrieval under /data/coco each epoch.
 
 Expected, from the official COSMOS checkpoint (README, spec 7; whether these are the teacher's

@@ -7,8 +7,8 @@ then times the recipe's whole pipeline over them: tar reading, JPEG decoding, th
 the main process pinned to one core (the per-core figure) and once with grain workers.
 Against it:
 
-  * the official augmentation's rate on this kind of machine, 63 samples/s per core (measured
-    with the official code when the goal was set, issue 18; not re-measured here);
+  * the official augmentation's rate on this kind of machine, 63 samples/s per core (the
+    figure the goal of 1.5x was set against; not re-measured here);
   * what a TPU host must deliver: its chips (4 per host on multi-host v4, v5e, v5p and v6e
     slices) x the per-chip batch / the step time, taken from a ``--tpu-topology`` JSON (XLA's
     estimate, not a measurement) when one is given.
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from typing import Any, Optional
 
 import ml_collections
@@ -46,7 +45,8 @@ def write_shards(out_dir: str, samples_per_size: int) -> str:
 
 @contextlib.contextmanager
 def _one_core():
-  """This process (its read threads included) on one core, where the OS allows it."""
+  """The calling thread, and the threads it starts (grain's readers), on one core, where the
+  OS allows it."""
   if not hasattr(os, 'sched_setaffinity'):
     yield False
     return
