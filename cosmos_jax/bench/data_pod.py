@@ -48,12 +48,12 @@ def _one_core():
   """The calling thread, and the threads it starts (grain's readers), on one core, where the
   OS allows it."""
   if not hasattr(os, 'sched_setaffinity'):
-    yield False
+    yield
     return
   cores = os.sched_getaffinity(0)
   os.sched_setaffinity(0, {min(cores)})
   try:
-    yield True
+    yield
   finally:
     os.sched_setaffinity(0, cores)
 
@@ -74,25 +74,22 @@ def host_need(aot: dict, per_core: float) -> dict[str, float]:
 
 def run(config: ml_collections.ConfigDict, *, workers: int = 2, batch_size: int = 32,
         batches: int = 8, aot_json: Optional[str] = None,
-        shard_dir: Optional[str] = None, out_path: Optional[str] = None) -> dict[str, Any]:
-  """The figures above, as {'data_pod': {...}} (also written to ``out_path``);
-  ``shard_dir``: keep the shards there."""
+        out_path: Optional[str] = None) -> dict[str, Any]:
+  """The figures above, as {'data_pod': {...}} (also written to ``out_path``)."""
   if workers < 1:
     raise ValueError(f'--data-pod takes a worker count >= 1, got {workers}')
   d = config.data
+  pinned = hasattr(os, 'sched_setaffinity')
   with tempfile.TemporaryDirectory(prefix='cosmos_data_pod_') as tmp:
-    out_dir = shard_dir or tmp
     samples = batch_size * (batches + 1)   # the warm-up batch and the timed ones, per run
-    spec = write_shards(out_dir, math.ceil(samples / len(IMAGE_SIZES)) + batch_size)
+    spec = write_shards(tmp, math.ceil(samples / len(IMAGE_SIZES)) + batch_size)
     rates = {}
     for n in (0, workers):
       run_config = ml_collections.ConfigDict(config.to_dict())
       run_config.data.train, run_config.data.worker_count = spec, n
       run_config.batch_size = batch_size
-      if n == 0:   # the main process and its read threads, pinned to one core
-        with _one_core() as pinned:
-          rates[n] = _samples_per_s(run_config, batches)
-      else:
+      # workers=0: the main process and its read threads, pinned to one core
+      with _one_core() if n == 0 else contextlib.nullcontext():
         rates[n] = _samples_per_s(run_config, batches)
   per_core = rates[0]
   report: dict[str, Any] = {
