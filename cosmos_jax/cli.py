@@ -121,6 +121,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
   if args.data_pod:   # the input pipeline at the recipe's real sizes, instead of the step
     from cosmos_jax.bench import data_pod
     results = data_pod.run(config, workers=args.data_pod, batches=args.data_batches,
+                           official_repo=args.official_repo,
                            aot_json=args.aot_json, out_path=args.out)
     print(data_pod.format_report(results))
     if args.out:
@@ -324,14 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--data-pod', type=int, nargs='?', const=2, metavar='WORKERS',
                  help="instead of the step, time the config's input pipeline from JPEG tar "
                       'shards at 256-512 px that it writes to a temporary directory, in one '
-                      'core and with WORKERS grain workers (default 2), against the official '
-                      "augmentation's 63 samples/s per core")
+                      'core and with WORKERS grain workers (default 2), and decoding + '
+                      "multi-crop alone against the official code's (measured with "
+                      '--official-repo, else the figure recorded on a 2-core machine)')
   p.add_argument('--aot-json', metavar='FILE',
                  help='with --data-pod: a --tpu-topology JSON; adds the cores a 4-chip host '
                       'of that slice needs at its estimated step time')
   p.add_argument('--official-repo', metavar='PATH',
-                 help='also time the official PyTorch step from this ExplainableML/cosmos '
-                      'checkout and report the speedup')
+                 help='also time the official PyTorch step (with --data-pod: their '
+                      'augmentation) from this ExplainableML/cosmos checkout and report the '
+                      'speedup')
   p.set_defaults(func=_cmd_bench, accepts_overrides=True)
 
   p = sub.add_parser('variants', help='list the named model variants')

@@ -172,6 +172,9 @@ def test_run_merges_the_official_step_and_the_speedup(monkeypatch, tmp_path):
   fake.time_official_step = lambda repo, config, repeats: {
       'official_step_s': 3.0, 'official_samples_per_s': 32 / 3.0}
   monkeypatch.setitem(sys.modules, 'cosmos_jax.bench.official', fake)
+  # `from cosmos_jax.bench import official` reads the package attribute first, once imported.
+  import cosmos_jax.bench
+  monkeypatch.setattr(cosmos_jax.bench, 'official', fake, raising=False)
   monkeypatch.setattr(run_lib, 'bench_train_step', lambda config, repeats: {
       'train_step_s': 1.5, 'train_samples_per_s': 32 / 1.5, 'compile_s': 1.0, 'xla_flops': None,
       'memory_row': {'mesh': [8, 1, 1], 'devices': 8, 'error': 'not measured'}})
@@ -252,6 +255,29 @@ def test_cli_data_pod_at_the_recipes_crop_sizes(tmp_path, capsys):
   r = json.loads(out.read_text())['data_pod']
   assert (r['crops'], r['image_sizes'], r['workers']) == ('2 x 224 + 6 x 96', [256, 384, 512], 1)
   assert r['samples_per_s_per_core'] > 0 and r['samples_per_s_workers'] > 0
-  assert r['vs_official_per_core'] == pytest.approx(r['samples_per_s_per_core'] / 63.0)
+  # Without a checkout the official figure is the recorded one, and says so.
+  assert not r['official_measured'] and r['official_source'].startswith('recorded ')
+  assert r['official_samples_per_s_per_core'] == data_pod.OFFICIAL_SAMPLES_PER_S_PER_CORE
+  assert r['augment_samples_per_s_per_core'] > 0
+  assert r['vs_official_per_core'] == pytest.approx(
+      r['augment_samples_per_s_per_core'] / data_pod.OFFICIAL_SAMPLES_PER_S_PER_CORE)
+  assert r['pipeline_vs_official_per_core'] == pytest.approx(
+      r['samples_per_s_per_core'] / data_pod.OFFICIAL_SAMPLES_PER_S_PER_CORE)
   assert r['host_cores_needed'] == math.ceil(320.0 / r['samples_per_s_per_core'])
-  assert 'official augmentation' in capsys.readouterr().out
+  assert "the official code's" in capsys.readouterr().out
+
+
+def test_official_crop_scale_of_the_recipe_and_a_config_it_cannot_express():
+  from cosmos_jax.bench import augment_rate
+  config = config_cli.load_config_file('configs/merged30m_vitb16.py')
+  assert augment_rate.official_crop_scale(config.data) == 0.4   # --crop-scale 0.4
+  config.data.local_size = 64
+  with pytest.raises(ValueError, match='96 px locals.*64 px'):
+    augment_rate.official_crop_scale(config.data)
+
+
+def test_official_augment_timer_refuses_a_folder_without_their_code(tmp_path):
+  from cosmos_jax.bench import augment_rate
+  config = config_cli.load_config_file('configs/merged30m_vitb16.py')
+  with pytest.raises(FileNotFoundError, match='not a checkout'):
+    augment_rate.augment_rates([], config, official_repo=str(tmp_path))

@@ -41,3 +41,20 @@ def test_a_folder_without_the_official_code_is_refused(tmp_path):
       os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py'))
   with pytest.raises(FileNotFoundError, match='not a checkout'):
     official.time_official_step(str(tmp_path), config)
+
+
+@needs_checkout
+@pytest.mark.slow
+def test_official_augmentation_rate_beside_ours_on_the_same_jpegs(tmp_path):
+  pytest.importorskip('torch')
+  from cosmos_jax import config_cli
+  from cosmos_jax.bench import augment_rate, data_pod
+
+  config = config_cli.load_config_file(
+      os.path.join(os.path.dirname(__file__), '..', 'configs', 'merged30m_vitb16.py'))
+  _, paths = data_pod.write_shards(str(tmp_path), 4)
+  jpegs = augment_rate.jpegs_in(paths)
+  assert len(jpegs) == 4 * len(data_pod.IMAGE_SIZES)
+  rates = augment_rate.augment_rates(jpegs, config, official_repo=REPO, repeats=1)
+  for key in ('ours_augment_samples_per_s_per_core', 'official_augment_samples_per_s_per_core'):
+    assert math.isfinite(rates[key]) and rates[key] > 0, rates

@@ -168,16 +168,14 @@ def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
   """Rotates the PIL HSV hue channel by trunc(factor * 255), wrapping at 256."""
   if not -0.5 <= factor <= 0.5:
     raise ValueError(f'hue factor {factor} not in [-0.5, 0.5]')
-  h, s, v = image.convert('HSV').split()
-  shift = int(factor * 255) % 256
-  h = h.point([(i + shift) % 256 for i in range(256)])
-  return Image.merge('HSV', (h, s, v)).convert(image.mode)
+  hsv = np.array(image.convert('HSV'))
+  hsv[..., 0] += np.uint8(int(factor * 255) % 256)   # uint8 arithmetic wraps at 256
+  return Image.fromarray(hsv, 'HSV').convert(image.mode)
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
   """3-channel gray from PIL's 'L' conversion (ITU-R 601-2 luma)."""
-  gray = image.convert('L')
-  return Image.merge('RGB', (gray, gray, gray))
+  return image.convert('L').convert('RGB')
 
 
 def solarize(image: Image.Image, threshold: int = 128) -> Image.Image:
