@@ -24,6 +24,7 @@ import pytest
 
 from cosmos_jax import models
 from cosmos_jax.train import checkpoint, optim, partition, state as state_lib
+from xla_env import xla_flags
 
 CFG = models.get_variant('tiny')
 
@@ -129,7 +130,7 @@ DRIVER = textwrap.dedent("""
 
 def _start(script, *args, log, devices: int = 8) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=xla_flags(devices))
   with open(log, 'w') as f:  # a file, not a pipe that could fill up while we work
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
                             stdout=f, stderr=subprocess.STDOUT)

@@ -12,6 +12,7 @@ import pytest
 from cosmos_jax import cli
 
 from test_loop import SMALL_TOWERS
+from xla_env import xla_flags
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 DEMO = os.path.join(ROOT, 'configs', 'demo.py')
@@ -24,7 +25,7 @@ TINY = ['--config.batch_size=8', '--config.mesh.shape=(8,1,1)', '--config.log_ev
 
 def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+             XLA_FLAGS=xla_flags(8))
   return subprocess.run([sys.executable, '-m', 'cosmos_jax.cli', *argv], capture_output=True,
                         text=True, timeout=timeout, env=env, cwd=ROOT)
 

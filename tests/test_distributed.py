@@ -323,7 +323,13 @@ def test_local_sh_sets_the_contract_and_fails_fast(tmp_path):
     line = next(l for l in log.splitlines() if l.startswith(f'[p{pid}] '))
     fields = line.split()
     assert fields[1] == f'{pid}/2' and fields[2].startswith('localhost:'), line
-    assert fields[3:6] == ['gloo', 'cpu', '--xla_force_host_platform_device_count=3'], line
+    assert fields[3:5] == ['gloo', 'cpu'], line
+    # local.sh sets the device count and keeps the caller's other XLA flags.
+    flags = fields[5:]
+    assert [f for f in flags if 'device_count' in f] == [
+        '--xla_force_host_platform_device_count=3'], line
+    others = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+    assert [f for f in flags if 'device_count' not in f] == others, line
 
 
 @pytest.mark.slow

@@ -20,13 +20,14 @@ from cosmos_jax.train import checkpoint, loop
 from cosmos_jax.train.weights import load_for_eval
 
 from test_loop import SMALL_TOWERS, tiny_config
+from xla_env import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env(devices: int) -> dict:
   return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+              XLA_FLAGS=xla_flags(devices))
 
 
 def _steps(directory: pathlib.Path) -> list[int]:
