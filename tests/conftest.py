@@ -14,7 +14,7 @@ import tempfile
 # times (33 -> 25 min on 2 cores). It changes no float semantics (no fast-math at any level),
 # and every test passes at the default level too: XLA_FLAGS given by the caller replaces this
 # (`XLA_FLAGS=--xla_force_host_platform_device_count=8 make test`). The processes a test
-# starts get the same flags (tests/xla_env.py): compiled the same way, and as fast.
+# starts get the same flags (bench.memory.cpu_devices_env): compiled the same way.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                                    '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cosmos_jax.bench.memory import cpu_devices_env
 from cosmos_jax import models
 from cosmos_jax.train import checkpoint, optim, partition, state as state_lib
-from xla_env import xla_flags
 
 CFG = models.get_variant('tiny')
 
@@ -129,8 +129,7 @@ DRIVER = textwrap.dedent("""
 
 
 def _start(script, *args, log, devices: int = 8) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags(devices))
+  env = cpu_devices_env(devices)
   with open(log, 'w') as f:  # a file, not a pipe that could fill up while we work
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
                             stdout=f, stderr=subprocess.STDOUT)

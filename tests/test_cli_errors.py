@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from cosmos_jax import cli
+from cosmos_jax.bench.memory import cpu_devices_env
 
 from test_loop import SMALL_TOWERS
-from xla_env import xla_flags
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 DEMO = os.path.join(ROOT, 'configs', 'demo.py')
@@ -24,8 +24,7 @@ TINY = ['--config.batch_size=8', '--config.mesh.shape=(8,1,1)', '--config.log_ev
 
 
 def _cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags(8))
+  env = cpu_devices_env(8)
   return subprocess.run([sys.executable, '-m', 'cosmos_jax.cli', *argv], capture_output=True,
                         text=True, timeout=timeout, env=env, cwd=ROOT)
 

@@ -15,19 +15,18 @@ import jax
 import numpy as np
 import pytest
 
+from cosmos_jax.bench.memory import cpu_devices_env
 from cosmos_jax.errors import UsageError
 from cosmos_jax.train import checkpoint, loop
 from cosmos_jax.train.weights import load_for_eval
 
 from test_loop import SMALL_TOWERS, tiny_config
-from xla_env import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=xla_flags(devices))
+  return cpu_devices_env(devices)
 
 
 def _steps(directory: pathlib.Path) -> list[int]:

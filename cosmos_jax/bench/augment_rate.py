@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from typing import Any, Optional
 
 # The official multi-crop's local crops are always 96 px and its scales come from one number.
@@ -31,14 +32,18 @@ OFFICIAL_LOCAL_SIZE = 96
 OFFICIAL_LOCAL_MIN_SCALE = 0.05
 
 
-def jpegs_in(tar_paths: list[str]) -> list[bytes]:
-  """The .jpg members of the tar shards, in order."""
+def jpegs_in(tar_paths: list[str], per_shard: Optional[int] = None) -> list[bytes]:
+  """The .jpg members of the tar shards in order, the first ``per_shard`` of each if given."""
   out = []
   for path in tar_paths:
     with tarfile.open(path) as tar:
+      found = 0
       for member in tar:
+        if per_shard is not None and found == per_shard:
+          break
         if member.isfile() and member.name.endswith('.jpg'):
           out.append(tar.extractfile(member).read())
+          found += 1
   return out
 
 
@@ -61,10 +66,8 @@ def augment_rates(jpegs: list[bytes], config, official_repo: Optional[str] = Non
   """{'ours_augment_samples_per_s_per_core'[, 'official_augment_samples_per_s_per_core']}."""
   from cosmos_jax.train.from_config import pipeline_config
   d = config.data
-  spec: dict[str, Any] = {
-      'multicrop': dataclasses.asdict(pipeline_config(config).multicrop),
-      'global_size': int(d.global_size), 'num_local': int(d.num_local),
-      'repeats': int(repeats)}
+  spec: dict[str, Any] = {'multicrop': dataclasses.asdict(pipeline_config(config).multicrop),
+                          'repeats': int(repeats)}
   theirs = None
   if official_repo:   # checked before anything is timed
     src = os.path.join(os.path.abspath(official_repo), 'src')
@@ -72,24 +75,23 @@ def augment_rates(jpegs: list[bytes], config, official_repo: Optional[str] = Non
       raise FileNotFoundError(f'{official_repo} is not a checkout of ExplainableML/cosmos '
                               '(no src/open_clip/transform.py)')
     theirs = dict(spec, impl='official', src=src, crop_scale=official_crop_scale(d))
-  rates = {'ours_augment_samples_per_s_per_core': _run_worker(dict(spec, impl='ours'), jpegs)}
-  if theirs:
-    rates['official_augment_samples_per_s_per_core'] = _run_worker(theirs, jpegs)
-  return rates
-
-
-def _run_worker(spec: dict[str, Any], jpegs: list[bytes]) -> float:
-  from cosmos_jax.xla_cpu import host as xla_cpu_host
-  import tempfile
   with tempfile.NamedTemporaryFile(suffix='.jpegs') as f:
     for data in jpegs:   # length-prefixed, so the worker needs no tar reader of ours
       f.write(len(data).to_bytes(8, 'little') + data)
     f.flush()
-    spec = dict(spec, jpegs=f.name)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(spec),
-                          capture_output=True, text=True,
-                          cwd=os.path.dirname(spec['src']) if 'src' in spec else None,
-                          env=xla_cpu_host.caller_environment())
+    rates = {'ours_augment_samples_per_s_per_core':
+             _run_worker(dict(spec, impl='ours', jpegs=f.name))}
+    if theirs:
+      rates['official_augment_samples_per_s_per_core'] = _run_worker(dict(theirs, jpegs=f.name))
+  return rates
+
+
+def _run_worker(spec: dict[str, Any]) -> float:
+  from cosmos_jax.xla_cpu import host as xla_cpu_host
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(spec),
+                        capture_output=True, text=True,
+                        cwd=os.path.dirname(spec['src']) if 'src' in spec else None,
+                        env=xla_cpu_host.caller_environment())
   lines = proc.stdout.strip().splitlines()
   if proc.returncode or not lines:
     raise RuntimeError(f"timing the {spec['impl']} augmentation failed (exit "
@@ -125,8 +127,9 @@ def _official(spec: dict):
   sys.path[0:1] = [spec['src']]    # their open_clip, not this folder's or site's
   from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
   from open_clip.transform import DataAugmentationMulticrop
+  crops = spec['multicrop']
   transform = DataAugmentationMulticrop(
-      OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, spec['global_size'], spec['num_local'],
+      OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, crops['global_size'], crops['num_local'],
       crop_scale=spec['crop_scale'])
   return lambda data: transform(Image.open(io.BytesIO(data)).convert('RGB'))
 

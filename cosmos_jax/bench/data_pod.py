@@ -99,8 +99,8 @@ def run(config: ml_collections.ConfigDict, *, workers: int = 2, batch_size: int 
       # workers=0: the main process and its read threads, pinned to one core
       with _one_core() if n == 0 else contextlib.nullcontext():
         rates[n] = _samples_per_s(run_config, batches)
-    per_shard = AUGMENT_IMAGES // len(paths)   # one shard per image size
-    jpegs = [j for path in paths for j in augment_rate.jpegs_in([path])[:per_shard]]
+    # one shard per image size
+    jpegs = augment_rate.jpegs_in(paths, per_shard=AUGMENT_IMAGES // len(paths))
     augment = augment_rate.augment_rates(jpegs, config, official_repo)
   per_core = rates[0]
   ours = augment['ours_augment_samples_per_s_per_core']

@@ -87,7 +87,9 @@ def add_stats(row: dict[str, Any], stats: Any) -> dict[str, Any]:
   return row
 
 
-def _child_env(num_devices: int) -> dict[str, str]:
+def cpu_devices_env(num_devices: int) -> dict[str, str]:
+  """os.environ for a child process on ``num_devices`` (fake) CPU devices: the device count
+  replaced in XLA_FLAGS, the caller's other XLA flags kept."""
   env = dict(os.environ)
   flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', env.get('XLA_FLAGS', ''))
   env['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={num_devices}'.strip()
@@ -103,7 +105,7 @@ def _in_child(config: ml_collections.ConfigDict, shapes: list[tuple[int, ...]],
   try:
     proc = subprocess.run([sys.executable, '-m', 'cosmos_jax.bench.memory'],
                           input=json.dumps(spec), capture_output=True, text=True,
-                          env=_child_env(n), timeout=timeout_s)
+                          env=cpu_devices_env(n), timeout=timeout_s)
   except subprocess.TimeoutExpired:
     return [{'mesh': list(s), 'devices': math.prod(s),
              'error': f'compile in a {n}-device child process timed out after {timeout_s} s'}
