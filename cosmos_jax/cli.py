@@ -58,25 +58,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
   from cosmos_jax.eval import report, run
-  from cosmos_jax.data.synthetic import SyntheticConfig
+  from cosmos_jax.data.synthetic import config_from_fields
   from cosmos_jax.train.weights import load_for_eval
   import jax
   from cosmos_jax import models
   from cosmos_jax.train import partition
   specs = [run.parse_task(t) for t in (args.task or ['synthetic'])]
-  variant, synthetic_size = args.variant, args.synthetic_size
-  if args.config:   # the run's config gives the architecture and the synthetic resolution
+  variant, synthetic_fields = args.variant, {'image_size': 64}
+  if args.config:   # the run's config gives the architecture and the synthetic generator
     from cosmos_jax import config_cli
     run_config = config_cli.load_config_file(args.config)
     config_cli.apply_overrides(run_config, args.overrides)
     variant = variant or run_config.model.variant
-    synthetic_size = synthetic_size or run_config.data.synthetic.image_size
+    synthetic_fields = run_config.data.synthetic.to_dict()
+  if args.synthetic_size:
+    synthetic_fields['image_size'] = args.synthetic_size
   if args.checkpoint:
     config, params = load_for_eval(args.checkpoint, which=args.which, variant=variant)
   else:
     config = models.get_variant(variant or 'tiny')
     params = models.init_params(config, jax.random.key(0))
-  synthetic = SyntheticConfig(image_size=synthetic_size or 64, num_val=args.synthetic_num)
+  synthetic = config_from_fields({**synthetic_fields, 'num_val': args.synthetic_num})
   mesh = partition.make_mesh((-1, 1, 1)) if jax.device_count() > 1 else None
   results = run.run(config, params, specs, args.out, batch_size=args.batch_size,
                     synthetic_config=synthetic, mesh=mesh)

@@ -105,9 +105,8 @@ def chance_levels(num_val: int, image_size: int, num_shapes: int,
 
 
 def _synthetic_chance(config: ml_collections.ConfigDict) -> dict[str, float]:
-  from cosmos_jax.data.synthetic import SyntheticConfig, SyntheticDataset
-  s = config.data.synthetic
-  val = SyntheticDataset(SyntheticConfig(image_size=s.image_size, num_val=s.num_val), 'val')
+  from cosmos_jax.data.synthetic import SyntheticDataset, config_from_fields
+  val = SyntheticDataset(config_from_fields(config.data.synthetic.to_dict()), 'val')
   masks = [val[i]['mask'] for i in range(len(val))]
   return chance_levels(len(val), s.image_size, len(val.class_names()), masks)
 

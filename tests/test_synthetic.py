@@ -214,3 +214,25 @@ def test_generation_speed():
     ds[i]
   # About 1 ms on one core; loose bound for loaded machines.
   assert (time.perf_counter() - t) / 32 < 0.025
+
+
+def test_run_config_fields_reach_training_and_evaluation():
+  """A generator field set in a run config (here max_objects, colours given as JSON-like
+  lists) is the same in the training source and in the in-loop evaluation's val split."""
+  import ml_collections
+  from cosmos_jax import config, models
+  from cosmos_jax.train.evaluation import InLoopEval
+  from cosmos_jax.train.from_config import open_train_source
+  c = config.base_config()
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      image_size=32, num_train=16, num_val=8, max_objects=1,
+      colours=[[name, list(rgb)] for name, rgb in synthetic.COLOURS[:4]]))
+  c.eval.tasks = ('synthetic',)
+  ev = InLoopEval(c, models.get_variant('tiny'), workdir='unused', mesh=None)
+  trained = open_train_source(c).dataset.config
+  assert ev.synthetic == trained
+  assert ev.synthetic.max_objects == 1 and ev.synthetic.colours == synthetic.COLOURS[:4]
+  val = SyntheticDataset(ev.synthetic, 'val')
+  assert all(len(val[i]['meta']['objects']) == 1 for i in range(len(val)))
+  with pytest.raises(ValueError, match='unknown data.synthetic fields'):
+    synthetic.config_from_fields({'image_size': 32, 'max_object': 1})

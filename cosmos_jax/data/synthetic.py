@@ -92,6 +92,24 @@ class SyntheticConfig:
       raise ValueError(f'group_size {self.group_size} does not fit the vocabulary')
 
 
+def _as_tuples(value: Any) -> Any:
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+def config_from_fields(fields: dict[str, Any]) -> SyntheticConfig:
+  """A SyntheticConfig from a run config's ``data.synthetic`` fields (lists become tuples).
+
+  Training and every evaluation of a run build their generator here, so that a field set in
+  the run config (``max_objects``, ``colours``, ...) reaches the validation split too.
+  """
+  unknown = set(fields) - {f.name for f in dataclasses.fields(SyntheticConfig)}
+  if unknown:
+    raise ValueError(f'unknown data.synthetic fields {sorted(unknown)}')
+  return SyntheticConfig(**{k: _as_tuples(v) for k, v in fields.items()})
+
+
 def position_name(cx: float, cy: float) -> str:
   """Word for a centre in [0, 1]^2 on a 3x3 grid, e.g. 'top left', 'center'."""
   row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import ml_collections
 from jax.sharding import Mesh
 
-from cosmos_jax.data.synthetic import SyntheticConfig
+from cosmos_jax.data.synthetic import config_from_fields
 from cosmos_jax.eval import report, run
 from cosmos_jax.models import ModelConfig, unstack_layers
 from cosmos_jax.train import distributed
@@ -36,8 +36,8 @@ class InLoopEval:
     self.batch_size = e.batch_size
     self.model_config, self.workdir, self.mesh = model_config, workdir, mesh
     self.dtype = compute_dtype(config)
-    s = config.data.synthetic
-    self.synthetic = SyntheticConfig(image_size=s.image_size, num_val=s.num_val)
+    # The validation split of the generator the run trains on, every field of it.
+    self.synthetic = config_from_fields(config.data.synthetic.to_dict())
 
   def due(self, step: int, last_step: int) -> bool:
     if not self.tasks:

@@ -42,11 +42,11 @@ class SyntheticSource(RecordSource):
     if importlib.util.find_spec(module) is None:
       raise DataSourceError(f"'synthetic:{split}' needs {module}, which is not installed")
     from cosmos_jax.data import synthetic
-    if config is None:
-      config = synthetic.SyntheticConfig(**config_fields)
-    elif config_fields:
-      config = dataclasses.replace(config, **config_fields)
     try:
+      if config is None:
+        config = synthetic.config_from_fields(config_fields)
+      elif config_fields:
+        config = dataclasses.replace(config, **config_fields)
       self.dataset = synthetic.SyntheticDataset(config, split=split)
     except ValueError as e:
       raise DataSourceError(f'synthetic:{split}: {e}') from e
