@@ -167,6 +167,9 @@ def reference_recipe(arg: str, *, train: str, num_samples: int, batch_size: int,
   c.eval.every_steps = epoch
   # Below every recipe's epoch (2448 to 6576 steps): a preempted run loses at most 2000 steps.
   c.checkpoint.every_steps = 2000
+  # The state sharded over every device (the batch too): the mesh their TPU fit was compiled
+  # with (docs/tpu_recipes.md). With (-1, 1, 1) each chip would hold the whole state.
+  c.mesh.shape = (1, -1, 1)
   if arg == 'clip':
     c.model.cosmos = False
     c.eval.which = 'student'   # a CLIP-only run has no teacher

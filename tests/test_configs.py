@@ -63,6 +63,8 @@ def test_reference_numbers(name):
   assert tuple(d.global_scale) == (0.4, 1.0)
   assert c.eval.tasks == ('retrieval:coco=/data/coco',)
   assert 0 < c.checkpoint.every_steps <= epoch
+  # The layout docs/tpu_recipes.md compiled: state and batch sharded over every device.
+  assert (tuple(c.mesh.shape), c.mesh.preset, tuple(c.mesh.rules)) == ((1, -1, 1), 'fsdp', ())
   assert len(expand_shards(c.data.train, check_exists=False)) == num_shards
 
 
