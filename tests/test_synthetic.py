@@ -201,7 +201,14 @@ def test_tar_shards(tmp_path):
 def test_class_names():
   ds = SyntheticDataset(CFG)
   assert ds.class_names() == list(CFG.shapes) and len(ds.class_names()) == 8
-  assert ds.mask_class_names() == ['background'] + list(CFG.shapes)
+  background = ds.mask_class_names()[0]
+  assert background == ('background, stripes, checkerboard pattern, speckled noise, '
+                        'smooth gradient, polka dots')
+  assert ds.mask_class_names()[1:] == list(CFG.shapes)
+  # Each texture's word is what the captions of an image with that texture say.
+  for kind, word in zip(synthetic.BACKGROUNDS, background.split(', ')[1:]):
+    one = SyntheticDataset(dataclass_replace(backgrounds=(kind,)))
+    assert word in ' '.join(one[0]['meta']['shortSV_captions'])
   assert {'circle', 'square', 'triangle', 'star', 'cross', 'ring', 'hexagon',
           'diamond'} == set(ds.class_names())
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cosmos_jax.data.synthetic_text import scene_captions
+from cosmos_jax.data.synthetic_text import BACKGROUND_WORDS, scene_captions
 
 Colour = tuple[int, int, int]
 
@@ -347,7 +347,14 @@ class SyntheticDataset:
     return list(self.config.shapes)
 
   def mask_class_names(self) -> list[str]:
-    return ['background'] + list(self.config.shapes)
+    """Segmentation class lines: 0 = background, k = shape k - 1.
+
+    The background line lists synonyms (each its own query, the max taken, as VOC21's line 0
+    lists stuff words): the textures as the captions name them. Every caption says
+    "background", so that word alone tells a model trained on them nothing about the pixels.
+    """
+    textures = [BACKGROUND_WORDS[b][1].removeprefix('a ') for b in self.config.backgrounds]
+    return [', '.join(['background', *textures])] + list(self.config.shapes)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
