@@ -216,8 +216,8 @@ def test_donated_state_is_updated_in_place(distill):
     return {tree for shape, tree in re.findall(r'= (\S+?)(?:\{\S*\})? copy\(%state__(\w+?)__', hlo)
             if shape not in ('f32[]', 's32[]')}
 
-  trees = {'params', 'teacher_params'} if distill else {'params'}
-  assert copied(in_place=False) == trees   # the check sees XLA's copies
+  if not distill:   # the check sees XLA's copies (shown once: each case compiles a step)
+    assert copied(in_place=False) == {'params'}
   assert copied(in_place=True) == set()
 
 
