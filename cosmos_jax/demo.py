@@ -101,6 +101,9 @@ def chance_levels(num_val: int, image_size: int, num_shapes: int,
     # E[intersection] = n_c / k, E[prediction] = N / k, so IoU_c = (n_c/k) / (n_c + N/k - n_c/k).
     iou = (counts / k) / (counts + total / k - counts / k)
     chance['mIoU'] = 100 * float(iou.mean())
+    # Every pixel labelled background: class 0's IoU is its share of the pixels, a class in
+    # the labels scores 0, and one neither labelled nor predicted is left out (as in miou).
+    chance['mIoU_all_background'] = 100 * float(counts[0] / total / np.count_nonzero(counts))
   return chance
 
 
@@ -108,7 +111,7 @@ def _synthetic_chance(config: ml_collections.ConfigDict) -> dict[str, float]:
   from cosmos_jax.data.synthetic import SyntheticDataset, config_from_fields
   val = SyntheticDataset(config_from_fields(config.data.synthetic.to_dict()), 'val')
   masks = [val[i]['mask'] for i in range(len(val))]
-  return chance_levels(len(val), s.image_size, len(val.class_names()), masks)
+  return chance_levels(len(val), val.config.image_size, len(val.class_names()), masks)
 
 
 def _final_results(workdir: str, config: ml_collections.ConfigDict) -> tuple[dict, str]:
@@ -189,7 +192,8 @@ def run_demo(workdir: str, *, compare: bool = False, steps: Optional[int] = None
       + (f', {n_seeds} seeds' if n_seeds > 1 else ''), chance=chance)
   lines = [describe(r) for r in all_runs] + ['', demo_report.format_table(by_group, chance), '',
            spread + 'chance: a uniformly random guess (segmentation: per pixel, from the label '
-           'counts)', '', 'pictures:']
+           'counts)' + (f"; every pixel labelled background scores {chance['mIoU_all_background']:.1f} "
+                        'mIoU' if 'mIoU_all_background' in chance else ''), '', 'pictures:']
   pictures = []
   for r in (runs[0] for _, runs in groups):
     pictures += [(f'{r.name} loss curves', os.path.join(r.workdir, 'plots', 'curves.png')),

@@ -22,6 +22,8 @@ def test_chance_levels_hand_worked():
   assert chance['mIoU'] == pytest.approx(100 * np.mean(iou))
   assert chance['t2i_R@1'] == pytest.approx(2.0) and chance['i2t_R@5'] == pytest.approx(10.0)
   assert chance['top1'] == pytest.approx(50.0) and chance['top5'] == pytest.approx(100.0)
+  # All background: class 0 has IoU 6/10, class 1 has 0, class 2 (absent) does not count.
+  assert chance['mIoU_all_background'] == pytest.approx(100 * 0.6 / 2)
 
 
 def test_chance_miou_matches_simulated_random_guessing():
@@ -30,7 +32,10 @@ def test_chance_miou_matches_simulated_random_guessing():
   from cosmos_jax.eval.segmentation import miou
   guesses = [rng.integers(0, 4, m.shape) for m in masks]
   simulated = miou(guesses, masks, num_classes=4)['mIoU']
-  assert demo.chance_levels(20, 40, 3, masks)['mIoU'] == pytest.approx(simulated, abs=0.3)
+  chance = demo.chance_levels(20, 40, 3, masks)
+  assert chance['mIoU'] == pytest.approx(simulated, abs=0.3)
+  background = miou([np.zeros_like(m) for m in masks], masks, num_classes=4)['mIoU']
+  assert chance['mIoU_all_background'] == pytest.approx(background)
 
 
 def test_table_mean_and_spread_hand_worked():
@@ -53,6 +58,7 @@ def test_demo_compare_trains_both_and_reports(tmp_path):
   assert '| metric | COSMOS | CLIP | COSMOS - CLIP | chance |' in report
   assert '| retrieval text->image R@1 |' in report and 'reused' not in report
   assert 'over 2 seeds' in report and ' ± ' in report
+  assert 'every pixel labelled background scores ' in report
   for name, tree in (('cosmos', 'teacher'), ('clip', 'student')):
     for run in (tmp_path / name, tmp_path / f'{name}_seed1'):
       assert (run / 'plots' / 'curves.png').is_file()
