@@ -14,7 +14,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # CPU wheels of these versions install cleanly next to JAX on Python 3.11 (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?= -n 2
+# loadgroup: the tests marked with one xdist_group share a costly module fixture (real trainer
+# runs, a one-device reference step): they go to one worker, first, so it is computed once.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: demo demo-compare test test-aot test-latest print-python312 install install-test clean
 

@@ -29,6 +29,12 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 
+def pytest_collection_modifyitems(items):
+  # The long tests first (the rest keep their order), so that no worker is left running one
+  # alone at the end. Every xdist worker sorts the same way, as the controller requires.
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
 def pytest_sessionfinish(session):
   if not os.environ.get('PYTEST_XDIST_WORKER'):   # the controller, after every worker
     shutil.rmtree(_CACHE, ignore_errors=True)

@@ -38,9 +38,11 @@ def one_device_bound():
   return MARGIN * temp_bytes((1, 1, 1)) / 8
 
 
+@pytest.mark.xdist_group('one_device_bound')   # its one-device compile done once
 def test_temporaries_per_device_scale_with_the_batch_split(one_device_bound):
   assert temp_bytes((1, 8, 1)) <= one_device_bound
 
 
+@pytest.mark.xdist_group('one_device_bound')
 def test_the_bound_catches_a_lost_batch_sharding(one_device_bound, monkeypatch):
   assert temp_bytes((1, 8, 1), constrained=False, monkeypatch=monkeypatch) > one_device_bound

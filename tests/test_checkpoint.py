@@ -212,6 +212,7 @@ def resume_runs(driver, sigterm_run, tmp_path_factory):
   return root, a, b
 
 
+@pytest.mark.xdist_group('checkpoint_trainer_runs')   # one set of trainer runs
 @pytest.mark.slow   # real trainer processes, killed and resumed
 def test_exact_resume_after_hard_kill(driver, resume_runs):
   root, a, b = resume_runs
@@ -232,6 +233,7 @@ def test_exact_resume_after_hard_kill(driver, resume_runs):
                           driver[1].leaves(ckpt_b.restore(3, target=target)[0]))
 
 
+@pytest.mark.xdist_group('checkpoint_trainer_runs')   # one set of trainer runs
 @pytest.mark.slow
 def test_restore_on_fewer_devices(driver, resume_runs, tmp_path):
   """Run A's checkpoint, params sharded over 8 devices, restored on a mesh of 2 and of 1."""
@@ -245,6 +247,7 @@ def test_restore_on_fewer_devices(driver, resume_runs, tmp_path):
     _assert_bitwise_equal(dict(np.load(tmp_path / f'{n}.npz')), dict(np.load(root / 'a.npz')))
 
 
+@pytest.mark.xdist_group('checkpoint_trainer_runs')   # one set of trainer runs
 def test_sigterm_saves_current_step_and_exits_cleanly(driver, sigterm_run):
   proc, root, watcher = sigterm_run
   out = _finish(proc, root / 'log.txt')

@@ -173,6 +173,7 @@ def single_device_run():
   return _run(None, 'dp')
 
 
+@pytest.mark.xdist_group('single_device_run')   # its reference run computed once
 @pytest.mark.parametrize('mesh_shape,rules', [((8, 1, 1), 'dp'), ((1, 8, 1), 'fsdp'),
                                               ((2, 2, 2), 'fsdp_tp'), ((1, 4, 2), 'fsdp_tp')])
 def test_meshes_agree_with_one_device(single_device_run, mesh_shape, rules):
