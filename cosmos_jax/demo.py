@@ -192,8 +192,8 @@ def run_demo(workdir: str, *, compare: bool = False, steps: Optional[int] = None
       + (f', {n_seeds} seeds' if n_seeds > 1 else ''), chance=chance)
   lines = [describe(r) for r in all_runs] + ['', demo_report.format_table(by_group, chance), '',
            spread + 'chance: a uniformly random guess (segmentation: per pixel, from the label '
-           'counts)' + (f"; every pixel labelled background scores {chance['mIoU_all_background']:.1f} "
-                        'mIoU' if 'mIoU_all_background' in chance else ''), '', 'pictures:']
+           f"counts); every pixel labelled background scores {chance['mIoU_all_background']:.1f} "
+           'mIoU', '', 'pictures:']
   pictures = []
   for r in (runs[0] for _, runs in groups):
     pictures += [(f'{r.name} loss curves', os.path.join(r.workdir, 'plots', 'curves.png')),
