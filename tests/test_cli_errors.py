@@ -90,6 +90,18 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
   assert dst.read_bytes() == b'precious' and src.read_bytes() == b'not a checkpoint'
 
 
+def test_convert_without_torch_names_the_extra(tmp_path, capsys, monkeypatch):
+  """PyTorch is an optional extra: a .pt file without it is one line that says how to get it."""
+  monkeypatch.setitem(sys.modules, 'torch', None)   # `import torch` raises ImportError
+  src = tmp_path / 'a.pt'
+  src.write_bytes(b'not a checkpoint')
+  assert cli.main(['convert', str(src), str(tmp_path / 'params')]) == 2
+  err = capsys.readouterr().err
+  assert err == (f'cosmos-jax convert: error: {src}: PyTorch is needed to read a .pt file and '
+                 "is not installed: pip install 'cosmos_jax[torch]' (or read a .safetensors "
+                 'file, which needs no torch)\n')
+
+
 def test_full_disk_is_a_run_error(tmp_path):
   """The shard is written through a link to /dev/full: every write fails with ENOSPC."""
   if not os.path.exists('/dev/full'):

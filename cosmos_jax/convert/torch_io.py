@@ -47,7 +47,7 @@ def load_state_file(path: str) -> dict[str, Any]:
   if not path.lower().endswith(PICKLE_SUFFIXES):
     raise ConversionError(f'{path}: unknown checkpoint type (expected one of {TORCH_SUFFIXES})')
   import pickle
-  import torch
+  torch = _torch(path, 'read')
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
@@ -125,6 +125,19 @@ def split_checkpoint(obj: Any, source: str = 'checkpoint') -> dict[str, dict[str
   return {'params': _state_dict(obj, source)}
 
 
+def _torch(path: str, doing: str):
+  """torch, or a ConversionError that says how to get it (it is an optional extra)."""
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(
+        f'{path}: PyTorch is needed to {doing} a {os.path.splitext(path)[1]} file and is not '
+        "installed: pip install 'cosmos_jax[torch]'"
+        + (' (or read a .safetensors file, which needs no torch)' if doing == 'read' else '')
+    ) from None
+  return torch
+
+
 def _to_torch(x: Any) -> Any:
   import torch
   x = np.asarray(x)
@@ -150,6 +163,7 @@ def save_state_file(path: str, state_dicts: Mapping[str, Mapping[str, Any]], lay
     raise ConversionError(f'{path}: unknown checkpoint type (expected one of {TORCH_SUFFIXES})')
   if layout not in LAYOUTS:
     raise ConversionError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
+  torch = _torch(path, 'write')   # safetensors too: its writer takes torch tensors
   if layout == 'open_clip':
     if len(state_dicts) != 1:
       raise ConversionError(f"layout 'open_clip' writes one state dict, got {sorted(state_dicts)}")
@@ -174,7 +188,6 @@ def save_state_file(path: str, state_dicts: Mapping[str, Mapping[str, Any]], lay
       meta.update(epoch=str(epoch), name=name)
     save_file(sd, tmp, metadata=meta)
   else:
-    import torch
     if layout == 'cosmos':
       obj = {'epoch': epoch, 'name': name,
              'student': {f'module.{k}': v for k, v in student.items()}, 'teacher': teacher}
