@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                   'paths of the PNGs. --compare also trains the CLIP-only baseline into '
                   'WORKDIR/clip. Finished runs are reused; interrupted ones resume.')
   p.add_argument('--workdir', default='runs/demo', help='default: runs/demo')
-  p.add_argument('--compare', action='store_true', help='also train the CLIP-only baseline')
-  p.add_argument('--steps', type=int, help='training steps (default: the config\'s 600)')
+  p.add_argument('--compare', action='store_true',
+                 help='COSMOS and the CLIP-only baseline, seeds 0-2 each')
+  p.add_argument('--steps', type=int, help='training steps (default: the config\'s 1,000)')
   p.set_defaults(func=_cmd_demo, accepts_overrides=True, log_level=logging.WARNING)
 
   p = sub.add_parser('similarity',
